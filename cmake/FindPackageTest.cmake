@@ -1,0 +1,46 @@
+# ctest packaging.find_package: installs the mpopt build in MPOPT_BINARY_DIR under WORK_DIR/prefix, then configures
+# and builds a small project that does find_package(mpopt MPOPT_VERSION) and links mpopt::mpopt.
+#   cmake -DMPOPT_BINARY_DIR=... -DWORK_DIR=... -DGENERATOR=... -DCXX_COMPILER=... -DMPOPT_VERSION=...
+#         -P FindPackageTest.cmake
+foreach(var MPOPT_BINARY_DIR WORK_DIR GENERATOR CXX_COMPILER MPOPT_VERSION)
+  if(NOT DEFINED ${var})
+    message(FATAL_ERROR "FindPackageTest.cmake: -D${var}=... is required")
+  endif()
+endforeach()
+
+function(run what)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE out)
+  if(NOT rc EQUAL 0)
+    message(NOTICE "${out}")
+    message(FATAL_ERROR "packaging test: ${what} failed (${rc})")
+  endif()
+endfunction()
+
+file(REMOVE_RECURSE "${WORK_DIR}")
+set(prefix "${WORK_DIR}/prefix")
+set(src "${WORK_DIR}/consumer")
+run("cmake --install" "${CMAKE_COMMAND}" --install "${MPOPT_BINARY_DIR}" --prefix "${prefix}")
+
+file(WRITE "${src}/CMakeLists.txt" "cmake_minimum_required(VERSION 3.25)
+project(mpopt_consumer LANGUAGES CXX)
+find_package(mpopt ${MPOPT_VERSION} REQUIRED)
+if(NOT mpopt_DIR MATCHES \"^${prefix}/\")
+  message(FATAL_ERROR \"found mpopt in \${mpopt_DIR}, not in the test prefix ${prefix}\")
+endif()
+add_executable(consumer main.cpp)
+target_link_libraries(consumer PRIVATE mpopt::mpopt)
+")
+file(WRITE "${src}/main.cpp" [=[
+#include <mpopt/config.hpp>
+#include <mpopt/numeric/convert.hpp>
+
+static_assert(MPOPT_VERSION_MAJOR * 10000 + MPOPT_VERSION_MINOR * 100 + MPOPT_VERSION_PATCH == MPOPT_VERSION);
+
+int main() { return float(mpopt::convert<mpopt::bf16_t>(1.0f)) == 1.0f ? 0 : 1; }
+]=])
+
+run("configuring the consumer" "${CMAKE_COMMAND}" -S "${src}" -B "${WORK_DIR}/build" -G "${GENERATOR}"
+    "-DCMAKE_CXX_COMPILER=${CXX_COMPILER}" "-DCMAKE_PREFIX_PATH=${prefix}" -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF)
+run("building the consumer" "${CMAKE_COMMAND}" --build "${WORK_DIR}/build")
+run("running the consumer" "${WORK_DIR}/build/consumer")
+message(STATUS "find_package(mpopt ${MPOPT_VERSION}) from ${prefix}: configured, built and ran a consumer")

@@ -1,0 +1,163 @@
+// Device-resident step scalars: the scaler state, found_inf, the step counter, the grad factor, the grad norm, the
+// clip coefficient, the scales and the status of the latest step all live in device memory, as do the rule's
+// hyper-parameters and step options. One single-block kernel per step turns the statistics partials into the step's
+// decisions with the host's own functions (Scaler::update, combined_grad_factor, Rule::prepare), so the step needs
+// no host synchronisation and can be captured in a CUDA graph; an lr schedule writes device memory and needs no
+// re-capture.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cub/block/block_reduce.cuh>
+
+#include "../config.hpp"
+#include "../error.hpp"
+#include "../optimizer.hpp"
+#include "../scaler/loss_scaler.hpp"
+#include "../scaler/scalers.hpp"
+#include "../scaler/unscale_clip.hpp"
+#include "launch.cuh"
+
+namespace mpopt::cuda {
+
+// What the latest step decided; read by the update kernels (applied, grad_factor) and by optimizer::result().
+// Mirrors mpopt::step_result field by field.
+struct step_core {
+  double sum_sq;           // global sum of squares of the grads as produced (scaled), from the statistics pass
+  double grad_norm;        // sqrt(sum_sq) / loss_scale: the unscaled norm before clipping (NaN without statistics)
+  double clip_coef;        // what clipping multiplied the unscaled grads by (1: no clipping)
+  std::int64_t step;       // applied steps so far; advances only when a step is applied
+  float loss_scale;        // the scale this step's grads were produced with
+  float next_loss_scale;   // the scale for the next backward (optimizer::device_loss_scale() points here)
+  float grad_factor;       // what the update multiplies every grad by: 1 / (scale * max(1, k))
+  std::int32_t nonfinite;  // the statistics pass saw inf or NaN
+  std::int32_t found_inf;  // nonfinite and the scaler skips on overflow
+  std::int32_t applied;    // 1: the update kernels run; 0: they return at once (nothing is written)
+  std::int32_t event;      // mpopt::scale_event
+  std::int32_t reason;     // mpopt::skip_reason
+  std::int32_t code;       // mpopt::errc: ok, or scale_at_minimum
+  std::int32_t reserved;
+};
+
+template <class ScalerState>
+struct step_scalars {
+  step_core core;  // first, so a step_scalars* is also a step_core* (the update kernels take that)
+  ScalerState scaler;
+};
+
+// step_options as the kernels read them (set_options writes them on the stream).
+struct device_options {
+  double max_grad_norm;
+  std::int32_t deepspeed_scale_order;
+  std::int32_t reserved;
+};
+
+inline device_options to_device(const step_options& o) {
+  return device_options{o.max_grad_norm, o.deepspeed_scale_order ? 1 : 0, 0};
+}
+
+template <class ScalerState>
+step_scalars<ScalerState> initial_scalars(const ScalerState& state, float scale) {
+  step_scalars<ScalerState> s{};
+  s.core.grad_norm = 0.0;
+  s.core.clip_coef = 1.0;
+  s.core.loss_scale = scale;
+  s.core.next_loss_scale = scale;
+  s.scaler = state;
+  return s;
+}
+
+// <<<1, block_threads>>>. Sums the statistics partials in a fixed order (thread t takes partials t, t + 256, ...,
+// then cub::BlockReduce), then thread 0 runs what mpopt::optimizer::step() runs between its statistics pass and its
+// update, and every thread computes the rule's coefficients of some groups with the step counter just advanced.
+template <class Rule, class Scaler, class C>
+__global__ void __launch_bounds__(block_threads)
+    step_scalars_kernel(step_scalars<typename Scaler::state_type>* scalars, const double* partial_sum,
+                        const int* partial_flag, std::uint32_t num_partials, const device_options* options,
+                        typename Scaler::args scaler_args, const typename Rule::args* hparams,
+                        typename Rule::template coeffs<C>* coeffs, std::uint32_t num_groups) {
+  const device_options opt = *options;
+  const bool check = Scaler::skips_on_overflow(scaler_args);
+  const bool need_stats = check || opt.max_grad_norm > 0;
+
+  double sum = 0.0;
+  int flag = 0;
+  if (need_stats) {
+    for (std::uint32_t i = threadIdx.x; i < num_partials; i += block_threads) {
+      sum += partial_sum[i];
+      flag |= partial_flag[i];
+    }
+  }
+  using reduce = cub::BlockReduce<double, block_threads>;
+  __shared__ typename reduce::TempStorage temp;
+  __shared__ int apply_shared;
+  __shared__ std::int64_t step_shared;
+  sum = reduce(temp).Sum(sum);  // valid in thread 0
+  const bool nonfinite = __syncthreads_or(flag) != 0;
+
+  if (threadIdx.x == 0) {
+    step_core& c = scalars->core;
+    const float loss_scale = Scaler::scale(scalars->scaler, scaler_args);
+    const bool overflow = check && nonfinite;
+    c.sum_sq = sum;
+    c.nonfinite = nonfinite;
+    c.found_inf = overflow;
+    c.loss_scale = loss_scale;
+    c.grad_norm = ::sqrt(sum) / double(loss_scale);
+    c.clip_coef = 1.0;
+    c.applied = 0;
+    c.code = int(errc::ok);
+    typename Scaler::state_type next = scalars->scaler;
+    const scale_event event = Scaler::update(next, scaler_args, overflow);
+    c.event = int(event);
+    if (event == scale_event::error_at_min) {
+      // Nothing changes, the scaler state included.
+      c.reason = int(skip_reason::scale_at_minimum);
+      c.code = int(errc::scale_at_minimum);
+      c.next_loss_scale = loss_scale;
+    } else {
+      scalars->scaler = next;
+      c.next_loss_scale = Scaler::scale(next, scaler_args);
+      if (overflow) {
+        c.reason = int(skip_reason::nonfinite_grads);
+      } else {
+        const double unscale_by = opt.deepspeed_scale_order ? double(c.next_loss_scale) : double(loss_scale);
+        grad_factor f{float(1.0 / unscale_by), 0.0f, 1.0f};
+        if (need_stats) f = combined_grad_factor(sum, float(unscale_by), float(opt.max_grad_norm));
+        if (!need_stats) c.grad_norm = ::nan("");
+        c.clip_coef = f.clip_coef;
+        c.grad_factor = f.factor;
+        c.reason = int(skip_reason::none);
+        c.step += 1;
+        c.applied = 1;
+      }
+    }
+    apply_shared = c.applied;
+    step_shared = c.step;
+  }
+  __syncthreads();
+  if (apply_shared) {
+    for (std::uint32_t g = threadIdx.x; g < num_groups; g += block_threads)
+      coeffs[g] = Rule::template prepare<C>(hparams[g], step_shared);
+  }
+}
+
+// Writes one value on the stream. Used for hyper-parameters and options: the value travels as a kernel argument,
+// so the setter needs neither a pinned staging buffer nor a synchronisation, and works inside stream capture.
+template <class T>
+__global__ void store_value_kernel(T* dst, T value) {
+  *dst = value;
+}
+
+// Sets the scaler state and the scale the next backward reads.
+template <class Scaler>
+__global__ void store_scaler_state_kernel(step_scalars<typename Scaler::state_type>* scalars,
+                                          typename Scaler::state_type state, typename Scaler::args args) {
+  scalars->scaler = state;
+  scalars->core.next_loss_scale = Scaler::scale(state, args);
+}
+
+}  // namespace mpopt::cuda

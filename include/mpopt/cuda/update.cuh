@@ -1,0 +1,358 @@
+// The fused update: one pass that reads grad, master and states and writes master, states and the low-precision
+// param copy, for every elementwise rule and precision policy; LAMB's two phases and per-tensor trust ratios. The
+// per-element arithmetic is host::detail::elementwise_range's (and update_per_tensor's), step for step: the same
+// convert<> calls and the same Rule functions in the same order. Only loading, vectorising and storing are added.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include <cub/block/block_reduce.cuh>
+
+#include "../config.hpp"
+#include "../numeric/convert.hpp"
+#include "../rules.hpp"
+#include "launch.cuh"
+#include "scalars.cuh"
+
+namespace mpopt::cuda {
+
+// One tensor (or one whole flat group) of the multi-tensor update: the caller's param and grad, the optimizer's
+// master (== param when the policy has no separate master) and states[0, NS).
+template <class Prec, int MaxStates>
+struct tensor_entry {
+  typename Prec::param_t* param;
+  typename Prec::master_t* master;
+  const typename Prec::grad_t* grad;
+  typename Prec::state_t* states[MaxStates > 0 ? MaxStates : 1];
+  std::uint64_t n;
+  std::uint32_t group;      // index of the group's coefficients
+  std::uint32_t vector_ok;  // every stream this entry touches is 16-byte aligned
+};
+
+// Elements per thread of the update: 16 bytes of the narrowest of the four roles' types.
+template <class Prec>
+inline constexpr int update_vector_width = elements_per_vector<typename Prec::param_t, typename Prec::master_t,
+                                                               typename Prec::grad_t, typename Prec::state_t>;
+
+// The state counts each rule's num_states(args) can return; one kernel is compiled per count. Rules not listed
+// get every count from 0 to max_states.
+template <class Rule>
+struct state_counts {
+  static constexpr int min = 0, max = Rule::max_states;
+};
+template <>
+struct state_counts<adam> {
+  static constexpr int min = 2, max = 3;  // amsgrad adds the third
+};
+template <>
+struct state_counts<adamw> : state_counts<adam> {};
+template <>
+struct state_counts<adagrad> {
+  static constexpr int min = 1, max = 1;
+};
+template <>
+struct state_counts<lion> {
+  static constexpr int min = 1, max = 1;
+};
+template <>
+struct state_counts<lamb> {
+  static constexpr int min = 2, max = 2;
+};
+
+// Calls f(std::integral_constant<int, NS>{}) for the runtime ns in [Lo, Hi]; false when ns is outside.
+template <int Lo, int Hi, class F>
+bool dispatch_state_count(int ns, F&& f) {
+  if constexpr (Lo > Hi) {
+    (void)ns, (void)f;
+    return false;
+  } else {
+    if (ns == Lo) {
+      f(std::integral_constant<int, Lo>{});
+      return true;
+    }
+    return dispatch_state_count<Lo + 1, Hi>(ns, f);
+  }
+}
+
+namespace detail {
+
+// host::detail::elementwise_range's body for W consecutive elements at i.
+template <class Rule, class Prec, int NS, int MS>
+struct update_op {
+  using C = typename Prec::compute_t;
+  using param_t = typename Prec::param_t;
+  using master_t = typename Prec::master_t;
+  using grad_t = typename Prec::grad_t;
+  using state_t = typename Prec::state_t;
+  static constexpr int S = NS > 0 ? NS : 1;
+
+  tensor_entry<Prec, MS> t;
+  typename Rule::template coeffs<C> k;
+  C factor;
+
+  template <int W>
+  MPOPT_DEVICE MPOPT_FORCEINLINE void run(std::uint64_t i) const {
+    vec<master_t, W> m = load<master_t, W>(t.master + i);
+    const vec<grad_t, W> g = load<grad_t, W>(t.grad + i);
+    vec<state_t, W> st[S];
+#pragma unroll
+    for (int j = 0; j < NS; ++j) st[j] = load<state_t, W>(t.states[j] + i);
+    vec<param_t, W> p;
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      C s[S] = {};
+#pragma unroll
+      for (int j = 0; j < NS; ++j) s[j] = convert<C>(st[j].v[e]);
+      C w = convert<C>(m.v[e]);
+      const C ge = convert<C>(g.v[e]) * factor;
+      Rule::apply(k, w, ge, s);
+#pragma unroll
+      for (int j = 0; j < NS; ++j) st[j].v[e] = convert<state_t>(s[j]);
+      m.v[e] = convert<master_t>(w);  // the master rounded once; the param copy is that rounded master, rounded
+      if constexpr (Prec::separate_master) p.v[e] = convert<param_t>(m.v[e]);
+    }
+#pragma unroll
+    for (int j = 0; j < NS; ++j) store<state_t, W>(t.states[j] + i, st[j]);
+    store<master_t, W>(t.master + i, m);
+    if constexpr (Prec::separate_master) store<param_t, W>(t.param + i, p);
+  }
+};
+
+template <class Entry>
+MPOPT_DEVICE MPOPT_FORCEINLINE void chunk_range(const chunk_map& map, std::uint64_t c, std::uint32_t e,
+                                                const Entry& t, std::uint64_t& begin, std::uint64_t& end) {
+  begin = (c - map.chunk_begin[e]) * map.chunk_elems;
+  end = begin + map.chunk_elems < t.n ? begin + map.chunk_elems : t.n;
+}
+
+}  // namespace detail
+
+// The elementwise update of every entry of the table, NS states each. Returns at once when the step is skipped
+// (core->applied == 0: found_inf, or the scale at its minimum), so a skipped step writes nothing.
+template <class Rule, class Prec, int NS, int MS>
+__global__ void __launch_bounds__(block_threads)
+    update_kernel(const tensor_entry<Prec, MS>* entries, chunk_map map,
+                  const typename Rule::template coeffs<typename Prec::compute_t>* coeffs, const step_core* core) {
+  static_assert(!Rule::per_tensor, "update_kernel is for elementwise rules");
+  if (!core->applied) return;
+  using C = typename Prec::compute_t;
+  constexpr int V = update_vector_width<Prec>;
+  detail::update_op<Rule, Prec, NS, MS> op;
+  op.factor = C(core->grad_factor);
+  for (std::uint64_t c = blockIdx.x; c < map.total_chunks; c += gridDim.x) {
+    const std::uint32_t e = find_entry(map, c);
+    op.t = entries[e];
+    op.k = coeffs[op.t.group];
+    std::uint64_t begin, end;
+    detail::chunk_range(map, c, e, op.t, begin, end);
+    for_each_in_chunk<V>(begin, end, op.t.vector_ok != 0, op);
+  }
+}
+
+template <class Rule, class Prec, int NS, int MS>
+cudaError_t launch_update(const tensor_entry<Prec, MS>* entries, const chunk_map& map, std::uint32_t grid,
+                          const typename Rule::template coeffs<typename Prec::compute_t>* coeffs,
+                          const step_core* core, cudaStream_t stream) {
+  if (grid == 0) return cudaSuccess;
+  update_kernel<Rule, Prec, NS, MS><<<grid, block_threads, 0, stream>>>(entries, map, coeffs, core);
+  return cudaGetLastError();
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// LAMB (Rule::per_tensor): host::update_per_tensor in three launches. Phase 1 advances and stores the states and
+// writes, per chunk, the sums of |w|^2 and |u|^2 (double, as the host); the ratio kernel sums each tensor's chunks in
+// a fixed order and calls Rule::trust_ratio; phase 2 recomputes u from the stored states and applies it. Entries are
+// tensors; the chunk size depends only on the policy, so the sums do not depend on the device.
+
+template <class Prec>
+inline constexpr std::uint32_t per_tensor_chunk_elems = std::uint32_t(block_threads) * update_vector_width<Prec> * 2;
+
+namespace detail {
+
+template <class Rule, class Prec, int MS>
+struct per_tensor_phase1_op {
+  using C = typename Prec::compute_t;
+  using state_t = typename Prec::state_t;
+  static constexpr int NS = Rule::max_states;
+
+  tensor_entry<Prec, MS> t;
+  typename Rule::template coeffs<C> k;
+  C factor;
+  double w_sq = 0.0, u_sq = 0.0;
+
+  template <int W>
+  MPOPT_DEVICE MPOPT_FORCEINLINE void run(std::uint64_t i) {
+    const auto m = load<typename Prec::master_t, W>(t.master + i);
+    const auto g = load<typename Prec::grad_t, W>(t.grad + i);
+    vec<state_t, W> st[NS];
+#pragma unroll
+    for (int j = 0; j < NS; ++j) st[j] = load<state_t, W>(t.states[j] + i);
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      C s[NS];
+#pragma unroll
+      for (int j = 0; j < NS; ++j) s[j] = convert<C>(st[j].v[e]);
+      const C w = convert<C>(m.v[e]);
+      Rule::update_states(k, convert<C>(g.v[e]) * factor, s);
+#pragma unroll
+      for (int j = 0; j < NS; ++j) {
+        st[j].v[e] = convert<state_t>(s[j]);
+        s[j] = convert<C>(st[j].v[e]);  // the direction uses the stored (rounded) states
+      }
+      const C u = Rule::direction(k, w, s);
+      w_sq += double(w) * double(w);
+      u_sq += double(u) * double(u);
+    }
+#pragma unroll
+    for (int j = 0; j < NS; ++j) store<state_t, W>(t.states[j] + i, st[j]);
+  }
+};
+
+template <class Rule, class Prec, int MS>
+struct per_tensor_phase2_op {
+  using C = typename Prec::compute_t;
+  using state_t = typename Prec::state_t;
+  using master_t = typename Prec::master_t;
+  using param_t = typename Prec::param_t;
+  static constexpr int NS = Rule::max_states;
+
+  tensor_entry<Prec, MS> t;
+  typename Rule::template coeffs<C> k;
+  C ratio;
+
+  template <int W>
+  MPOPT_DEVICE MPOPT_FORCEINLINE void run(std::uint64_t i) const {
+    vec<master_t, W> m = load<master_t, W>(t.master + i);
+    vec<state_t, W> st[NS];
+#pragma unroll
+    for (int j = 0; j < NS; ++j) st[j] = load<state_t, W>(t.states[j] + i);
+    vec<param_t, W> p;
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      C s[NS];
+#pragma unroll
+      for (int j = 0; j < NS; ++j) s[j] = convert<C>(st[j].v[e]);
+      C w = convert<C>(m.v[e]);
+      Rule::apply_direction(k, w, Rule::direction(k, w, s), ratio);
+      m.v[e] = convert<master_t>(w);
+      if constexpr (Prec::separate_master) p.v[e] = convert<param_t>(m.v[e]);
+    }
+    store<master_t, W>(t.master + i, m);
+    if constexpr (Prec::separate_master) store<param_t, W>(t.param + i, p);
+  }
+};
+
+}  // namespace detail
+
+template <class Rule, class Prec, int MS>
+__global__ void __launch_bounds__(block_threads)
+    per_tensor_phase1_kernel(const tensor_entry<Prec, MS>* entries, chunk_map map,
+                             const typename Rule::template coeffs<typename Prec::compute_t>* coeffs,
+                             const step_core* core, double* w_partial, double* u_partial) {
+  static_assert(Rule::per_tensor, "per_tensor kernels are for rules with trust ratios");
+  if (!core->applied) return;
+  using C = typename Prec::compute_t;
+  using reduce = cub::BlockReduce<double, block_threads>;
+  __shared__ typename reduce::TempStorage temp;
+  detail::per_tensor_phase1_op<Rule, Prec, MS> op;
+  op.factor = C(core->grad_factor);
+  for (std::uint64_t c = blockIdx.x; c < map.total_chunks; c += gridDim.x) {
+    const std::uint32_t e = find_entry(map, c);
+    op.t = entries[e];
+    op.k = coeffs[op.t.group];
+    op.w_sq = 0.0;
+    op.u_sq = 0.0;
+    std::uint64_t begin, end;
+    detail::chunk_range(map, c, e, op.t, begin, end);
+    for_each_in_chunk<update_vector_width<Prec>>(begin, end, op.t.vector_ok != 0, op);
+    const double w = reduce(temp).Sum(op.w_sq);
+    __syncthreads();  // temp is reused
+    const double u = reduce(temp).Sum(op.u_sq);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      w_partial[c] = w;
+      u_partial[c] = u;
+    }
+  }
+}
+
+// Block b takes tensors b, b + gridDim.x, ...: sums the tensor's chunk partials (thread t: chunks t, t + 256, ...,
+// then cub::BlockReduce) and writes ratio[tensor].
+template <class Rule, class Prec, int MS>
+__global__ void __launch_bounds__(block_threads)
+    per_tensor_ratio_kernel(const tensor_entry<Prec, MS>* entries, chunk_map map,
+                            const typename Rule::template coeffs<typename Prec::compute_t>* coeffs,
+                            const step_core* core, const double* w_partial, const double* u_partial,
+                            typename Prec::compute_t* ratio) {
+  if (!core->applied) return;
+  using reduce = cub::BlockReduce<double, block_threads>;
+  __shared__ typename reduce::TempStorage temp;
+  for (std::uint32_t e = blockIdx.x; e < map.num_entries; e += gridDim.x) {
+    double w = 0.0, u = 0.0;
+    for (std::uint64_t c = map.chunk_begin[e] + threadIdx.x; c < map.chunk_begin[e + 1]; c += block_threads) {
+      w += w_partial[c];
+      u += u_partial[c];
+    }
+    w = reduce(temp).Sum(w);
+    __syncthreads();
+    u = reduce(temp).Sum(u);
+    __syncthreads();
+    if (threadIdx.x == 0) ratio[e] = Rule::trust_ratio(coeffs[entries[e].group], ::sqrt(w), ::sqrt(u));
+  }
+}
+
+template <class Rule, class Prec, int MS>
+__global__ void __launch_bounds__(block_threads)
+    per_tensor_phase2_kernel(const tensor_entry<Prec, MS>* entries, chunk_map map,
+                             const typename Rule::template coeffs<typename Prec::compute_t>* coeffs,
+                             const step_core* core, const typename Prec::compute_t* ratio) {
+  if (!core->applied) return;
+  detail::per_tensor_phase2_op<Rule, Prec, MS> op;
+  for (std::uint64_t c = blockIdx.x; c < map.total_chunks; c += gridDim.x) {
+    const std::uint32_t e = find_entry(map, c);
+    op.t = entries[e];
+    op.k = coeffs[op.t.group];
+    op.ratio = ratio[e];
+    std::uint64_t begin, end;
+    detail::chunk_range(map, c, e, op.t, begin, end);
+    for_each_in_chunk<update_vector_width<Prec>>(begin, end, op.t.vector_ok != 0, op);
+  }
+}
+
+// The three launches of a per-tensor step. w_partial and u_partial hold map.total_chunks values, ratio
+// map.num_entries. ratio_grid: blocks of the ratio kernel (any count works; the sums do not depend on it).
+template <class Rule, class Prec, int MS>
+cudaError_t launch_per_tensor_update(const tensor_entry<Prec, MS>* entries, const chunk_map& map, std::uint32_t grid,
+                                     std::uint32_t ratio_grid,
+                                     const typename Rule::template coeffs<typename Prec::compute_t>* coeffs,
+                                     const step_core* core, double* w_partial, double* u_partial,
+                                     typename Prec::compute_t* ratio, cudaStream_t stream) {
+  if (grid == 0) return cudaSuccess;
+  per_tensor_phase1_kernel<Rule, Prec, MS>
+      <<<grid, block_threads, 0, stream>>>(entries, map, coeffs, core, w_partial, u_partial);
+  per_tensor_ratio_kernel<Rule, Prec, MS>
+      <<<ratio_grid, block_threads, 0, stream>>>(entries, map, coeffs, core, w_partial, u_partial, ratio);
+  per_tensor_phase2_kernel<Rule, Prec, MS><<<grid, block_threads, 0, stream>>>(entries, map, coeffs, core, ratio);
+  return cudaGetLastError();
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Initialisation kernels (construction only).
+
+template <class To, class From>
+__global__ void convert_kernel(To* dst, const From* src, std::uint64_t n) {
+  for (std::uint64_t i = blockIdx.x * std::uint64_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::uint64_t(gridDim.x) * blockDim.x)
+    dst[i] = convert<To>(src[i]);
+}
+
+template <class T>
+__global__ void fill_kernel(T* dst, T value, std::uint64_t n) {
+  for (std::uint64_t i = blockIdx.x * std::uint64_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::uint64_t(gridDim.x) * blockDim.x)
+    dst[i] = value;
+}
+
+}  // namespace mpopt::cuda

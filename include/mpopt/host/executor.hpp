@@ -1,0 +1,191 @@
+// The host backend: a step over flat buffers for any rule and precision policy.
+// Loops only: the element math is rule/, the type changes are numeric/convert.hpp.
+// It is the reference the tests check and the CPU-offload optimizer.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "../config.hpp"
+#include "../numeric/convert.hpp"
+
+namespace mpopt::host {
+
+// Reductions are summed per fixed block, then across blocks in order, so results do not depend on
+// the number of threads.
+inline constexpr std::size_t reduce_block = 4096;
+// Below this many elements a parallel region costs more than it saves.
+inline constexpr std::ptrdiff_t parallel_threshold = 1 << 15;
+
+// Sum of squares (double) and a non-finite flag of x[0, n) converted to float, in one read-only pass.
+struct grad_stats {
+  double sum_sq = 0.0;
+  bool nonfinite = false;
+};
+
+template <class G>
+grad_stats reduce_grad_stats(const G* x, std::size_t n) {
+  const std::ptrdiff_t blocks = std::ptrdiff_t((n + reduce_block - 1) / reduce_block);
+  std::vector<double> partial(std::size_t(blocks), 0.0);
+  int nonfinite = 0;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) reduction(| : nonfinite) if (std::ptrdiff_t(n) > parallel_threshold)
+#endif
+  for (std::ptrdiff_t b = 0; b < blocks; ++b) {
+    const std::size_t begin = std::size_t(b) * reduce_block, end = std::min(n, begin + reduce_block);
+    double s = 0.0;
+    int bad = 0;
+    for (std::size_t i = begin; i < end; ++i) {
+      const double v = double(convert<float>(x[i]));
+      s += v * v;
+      bad |= int(!std::isfinite(v));
+    }
+    partial[std::size_t(b)] = s;
+    nonfinite |= bad;
+  }
+  grad_stats r;
+  for (double p : partial) r.sum_sq += p;
+  r.nonfinite = nonfinite != 0;
+  return r;
+}
+
+// One parameter group's buffers. `param` and `master` are the same memory when the policy has no
+// separate master; states[j] has `n` elements for j < num_states.
+template <class Prec, int MaxStates>
+struct group_view {
+  using param_t = typename Prec::param_t;
+  using master_t = typename Prec::master_t;
+  using grad_t = typename Prec::grad_t;
+  using state_t = typename Prec::state_t;
+
+  param_t* param = nullptr;
+  master_t* master = nullptr;
+  const grad_t* grad = nullptr;
+  state_t* states[MaxStates > 0 ? MaxStates : 1] = {};
+  std::size_t n = 0;
+};
+
+namespace detail {
+
+template <class Prec, int NS, class Load>
+MPOPT_FORCEINLINE void load_states(typename Prec::compute_t (&s)[NS > 0 ? NS : 1], const Load& states, std::size_t i) {
+  for (int j = 0; j < NS; ++j) s[j] = convert<typename Prec::compute_t>(states[j][i]);
+}
+
+template <class Prec, int NS, class Store>
+MPOPT_FORCEINLINE void store_states(const typename Prec::compute_t (&s)[NS > 0 ? NS : 1], const Store& states,
+                                    std::size_t i) {
+  for (int j = 0; j < NS; ++j) states[j][i] = convert<typename Prec::state_t>(s[j]);
+}
+
+// Writes the new master (rounded once) and the param copy (the rounded master, rounded to the param type).
+template <class Prec, class View>
+MPOPT_FORCEINLINE void store_weight(const View& v, std::size_t i, typename Prec::compute_t w) {
+  const typename Prec::master_t m = convert<typename Prec::master_t>(w);
+  v.master[i] = m;
+  if constexpr (Prec::separate_master) v.param[i] = convert<typename Prec::param_t>(m);
+}
+
+// Elementwise rules, with the state count fixed at compile time so the loop vectorises.
+template <class Rule, class Prec, int NS, class View, class Coeffs, class C>
+void elementwise_range(const View& v, const Coeffs& k, C grad_factor, std::size_t begin, std::size_t end) {
+  MPOPT_PRAGMA_OMP_SIMD
+  for (std::size_t i = begin; i < end; ++i) {
+    C s[NS > 0 ? NS : 1];
+    load_states<Prec, NS>(s, v.states, i);
+    C w = convert<C>(v.master[i]);
+    const C g = convert<C>(v.grad[i]) * grad_factor;
+    Rule::apply(k, w, g, s);
+    store_states<Prec, NS>(s, v.states, i);
+    store_weight<Prec>(v, i, w);
+  }
+}
+
+template <class Rule, class Prec, int NS, class View, class Coeffs, class C>
+void elementwise(const View& v, const Coeffs& k, C grad_factor) {
+  const std::ptrdiff_t blocks = std::ptrdiff_t((v.n + reduce_block - 1) / reduce_block);
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (std::ptrdiff_t(v.n) > parallel_threshold)
+#endif
+  for (std::ptrdiff_t b = 0; b < blocks; ++b) {
+    const std::size_t begin = std::size_t(b) * reduce_block;
+    elementwise_range<Rule, Prec, NS>(v, k, grad_factor, begin, std::min(v.n, begin + reduce_block));
+  }
+}
+
+}  // namespace detail
+
+// Applies `Rule` to every element of one group: master, states and the param copy written in one pass.
+// `grad_factor` multiplies each gradient first (the combined unscale + clip factor; 1 for none).
+template <class Rule, class Prec>
+void update_elementwise(const group_view<Prec, Rule::max_states>& v,
+                        const typename Rule::template coeffs<typename Prec::compute_t>& k, int num_states,
+                        typename Prec::compute_t grad_factor) {
+  static_assert(!Rule::per_tensor, "update_elementwise: this rule needs per-tensor norms; use update_per_tensor");
+  static_assert(Rule::max_states <= 3, "update_elementwise: rules with more than 3 states need a new case here");
+  switch (num_states) {
+    case 0: return detail::elementwise<Rule, Prec, 0>(v, k, grad_factor);
+    case 1: return detail::elementwise<Rule, Prec, (Rule::max_states >= 1 ? 1 : 0)>(v, k, grad_factor);
+    case 2: return detail::elementwise<Rule, Prec, (Rule::max_states >= 2 ? 2 : 0)>(v, k, grad_factor);
+    default: return detail::elementwise<Rule, Prec, (Rule::max_states >= 3 ? 3 : 0)>(v, k, grad_factor);
+  }
+}
+
+// Rules with per-tensor trust ratios (LAMB). `tensor_offsets` has one entry per tensor plus the end.
+// Phase 1 advances and stores the states and sums |w|^2 and |u|^2 per tensor; phase 2 recomputes u
+// from the stored states and applies it with the tensor's ratio.
+template <class Rule, class Prec>
+void update_per_tensor(const group_view<Prec, Rule::max_states>& v,
+                       const typename Rule::template coeffs<typename Prec::compute_t>& k,
+                       const std::vector<std::size_t>& tensor_offsets, typename Prec::compute_t grad_factor) {
+  static_assert(Rule::per_tensor, "update_per_tensor: this rule is elementwise; use update_elementwise");
+  using C = typename Prec::compute_t;
+  constexpr int NS = Rule::max_states;
+  const std::size_t tensors = tensor_offsets.empty() ? 0 : tensor_offsets.size() - 1;
+  for (std::size_t t = 0; t < tensors; ++t) {
+    const std::size_t begin = tensor_offsets[t], end = tensor_offsets[t + 1];
+    const std::ptrdiff_t blocks = std::ptrdiff_t((end - begin + reduce_block - 1) / reduce_block);
+    std::vector<double> w_sq(std::size_t(blocks), 0.0), u_sq(std::size_t(blocks), 0.0);
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (std::ptrdiff_t(end - begin) > parallel_threshold)
+#endif
+    for (std::ptrdiff_t b = 0; b < blocks; ++b) {
+      const std::size_t lo = begin + std::size_t(b) * reduce_block, hi = std::min(end, lo + reduce_block);
+      double ws = 0.0, us = 0.0;
+      for (std::size_t i = lo; i < hi; ++i) {
+        C s[NS];
+        detail::load_states<Prec, NS>(s, v.states, i);
+        const C w = convert<C>(v.master[i]);
+        Rule::update_states(k, convert<C>(v.grad[i]) * grad_factor, s);
+        detail::store_states<Prec, NS>(s, v.states, i);
+        detail::load_states<Prec, NS>(s, v.states, i);  // the direction uses the stored (rounded) states
+        const C u = Rule::direction(k, w, s);
+        ws += double(w) * double(w);
+        us += double(u) * double(u);
+      }
+      w_sq[std::size_t(b)] = ws;
+      u_sq[std::size_t(b)] = us;
+    }
+    double w_norm = 0.0, u_norm = 0.0;
+    for (std::ptrdiff_t b = 0; b < blocks; ++b) {
+      w_norm += w_sq[std::size_t(b)];
+      u_norm += u_sq[std::size_t(b)];
+    }
+    const C ratio = Rule::trust_ratio(k, std::sqrt(w_norm), std::sqrt(u_norm));
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (std::ptrdiff_t(end - begin) > parallel_threshold)
+#endif
+    for (std::ptrdiff_t i = std::ptrdiff_t(begin); i < std::ptrdiff_t(end); ++i) {
+      C s[NS];
+      detail::load_states<Prec, NS>(s, v.states, std::size_t(i));
+      C w = convert<C>(v.master[i]);
+      Rule::apply_direction(k, w, Rule::direction(k, w, s), ratio);
+      detail::store_weight<Prec>(v, std::size_t(i), w);
+    }
+  }
+}
+
+}  // namespace mpopt::host

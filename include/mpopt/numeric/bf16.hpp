@@ -1,0 +1,62 @@
+// bf16_t: bfloat16 storage usable in host code without the CUDA toolkit.
+#pragma once
+
+#include <cstdint>
+
+#include "../config.hpp"
+#include "detail/ieee_round.hpp"
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#endif
+
+namespace mpopt {
+namespace detail {
+
+MPOPT_HOST_DEVICE MPOPT_FORCEINLINE std::uint16_t float_to_bf16_rn(float f) {
+#if MPOPT_IS_DEVICE_CODE
+  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+#else
+  // The general narrow_bits, specialised: bf16 keeps float's exponent, so nearest-even is one add on the bits
+  // (carries reach the exponent and inf as they should). Branch-free apart from NaN, so host loops vectorise.
+  const std::uint32_t u = bit_cast<std::uint32_t>(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_format::canonical_nan_bits;
+  return std::uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#endif
+}
+
+// Exact: a bf16 is the top half of a float.
+MPOPT_HOST_DEVICE MPOPT_FORCEINLINE float bf16_to_float(std::uint16_t b) {
+  return bit_cast<float>(std::uint32_t(b) << 16);
+}
+
+}  // namespace detail
+
+struct bf16_t {
+  std::uint16_t bits;
+
+  bf16_t() = default;
+  // Lossy, so explicit: rounds to nearest, ties to even (as __float2bfloat16_rn).
+  MPOPT_HOST_DEVICE explicit bf16_t(float f) : bits(detail::float_to_bf16_rn(f)) {}
+  // Lossless, so implicit.
+  MPOPT_HOST_DEVICE operator float() const { return detail::bf16_to_float(bits); }
+
+  static constexpr MPOPT_HOST_DEVICE bf16_t from_bits(std::uint16_t b) {
+    bf16_t h{};
+    h.bits = b;
+    return h;
+  }
+
+#if defined(__CUDACC__)
+  MPOPT_HOST_DEVICE bf16_t(__nv_bfloat16 h) : bits(static_cast<__nv_bfloat16_raw>(h).x) {}
+  MPOPT_HOST_DEVICE operator __nv_bfloat16() const {
+    __nv_bfloat16_raw r;
+    r.x = bits;
+    return __nv_bfloat16(r);
+  }
+#endif
+};
+
+static_assert(sizeof(bf16_t) == 2, "bf16_t must be two bytes");
+
+}  // namespace mpopt

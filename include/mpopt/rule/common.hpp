@@ -1,0 +1,66 @@
+// Shared pieces of the update rules: hyper-parameter validation and compute-type helpers.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <sstream>
+#include <string>
+
+#include "../config.hpp"
+#include "../error.hpp"
+
+namespace mpopt {
+namespace detail {
+
+// Formats "<rule>.<field> must be <what>, got <value>" with the value written exactly.
+inline status field_error(const char* rule, const char* field, const char* what, double value) {
+  std::ostringstream os;
+  os.precision(17);
+  os << rule << "." << field << " must be " << what << ", got " << value;
+  return status::invalid(os.str());
+}
+
+// Each returns the first violated rule for one field, or success. Non-finite values are always rejected.
+inline status check_nonnegative(const char* rule, const char* field, double v) {
+  if (!std::isfinite(v) || v < 0) return field_error(rule, field, "finite and >= 0", v);
+  return status::success();
+}
+inline status check_positive(const char* rule, const char* field, double v) {
+  if (!std::isfinite(v) || v <= 0) return field_error(rule, field, "finite and > 0", v);
+  return status::success();
+}
+inline status check_beta(const char* rule, const char* field, double v) {
+  if (!std::isfinite(v) || v < 0 || v >= 1) return field_error(rule, field, "in [0, 1)", v);
+  return status::success();
+}
+inline status check_unit_closed(const char* rule, const char* field, double v) {
+  if (!std::isfinite(v) || v < 0 || v > 1) return field_error(rule, field, "in [0, 1]", v);
+  return status::success();
+}
+
+// Runs checks in order and keeps the first failure.
+template <class... Checks>
+status first_error(const Checks&... checks) {
+  status result;
+  ((result.ok() ? (void)(result = checks) : (void)0), ...);
+  return result;
+}
+
+template <class C>
+MPOPT_HOST_DEVICE MPOPT_FORCEINLINE C sqrt_c(C x) {
+  return std::sqrt(x);
+}
+
+template <class C>
+MPOPT_HOST_DEVICE MPOPT_FORCEINLINE C sign_c(C x) {
+  return x > C(0) ? C(1) : (x < C(0) ? C(-1) : C(0));
+}
+
+template <class C>
+MPOPT_HOST_DEVICE MPOPT_FORCEINLINE C max_c(C a, C b) {
+  // NaN in `b` propagates, as torch.maximum does.
+  return (a < b || b != b) ? b : a;
+}
+
+}  // namespace detail
+}  // namespace mpopt
