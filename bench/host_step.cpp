@@ -47,10 +47,26 @@ using bf16_pure = mpopt::bf16_pure_policy;
 
 }  // namespace
 
-BENCHMARK_TEMPLATE(bm_adamw_step, fp32, mpopt::no_scaler)->Arg(1 << 20)->Arg(1 << 24)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK_TEMPLATE(bm_adamw_step, bf16_mixed, mpopt::no_scaler)->Arg(1 << 20)->Arg(1 << 24)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK_TEMPLATE(bm_adamw_step, fp16_mixed, mpopt::dynamic_scaler)->Arg(1 << 20)->Arg(1 << 24)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK_TEMPLATE(bm_adamw_step, bf16_pure, mpopt::no_scaler)->Arg(1 << 20)->Arg(1 << 24)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_TEMPLATE(bm_adamw_step, fp32, mpopt::no_scaler)
+    ->Arg(1 << 20)
+    ->Arg(1 << 24)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK_TEMPLATE(bm_adamw_step, bf16_mixed, mpopt::no_scaler)
+    ->Arg(1 << 20)
+    ->Arg(1 << 24)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK_TEMPLATE(bm_adamw_step, fp16_mixed, mpopt::dynamic_scaler)
+    ->Arg(1 << 20)
+    ->Arg(1 << 24)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK_TEMPLATE(bm_adamw_step, bf16_pure, mpopt::no_scaler)
+    ->Arg(1 << 20)
+    ->Arg(1 << 24)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 // The same bytes as the fp32 AdamW step (28 + 4 B/param) at 16 M params.
 BENCHMARK(bm_memcpy)->Args({1 << 24, 32})->Unit(benchmark::kMillisecond)->UseRealTime();
 

@@ -22,8 +22,8 @@ struct run {
 };
 
 template <class Prec, class Scaler = mpopt::no_scaler>
-run train(const dataset& d, int steps, const mpopt::adamw::args& hp,
-                               typename Scaler::args scaler = {}, mpopt::step_options options = {}) {
+run train(const dataset& d, int steps, const mpopt::adamw::args& hp, typename Scaler::args scaler = {},
+          mpopt::step_options options = {}) {
   using param_t = typename Prec::param_t;
   using grad_t = typename Prec::grad_t;
   const std::vector<float> w0 = random_weights(d.s, 7, 1.0f);

@@ -9,9 +9,9 @@ namespace mpopt {
 
 enum class errc {
   ok = 0,
-  invalid_argument,     // a hyper-parameter, size or pointer the caller passed is wrong
-  scale_at_minimum,     // dynamic loss scale would go below its minimum (error_at_min is on)
-  unsupported,          // a valid request this build or backend cannot carry out
+  invalid_argument,  // a hyper-parameter, size or pointer the caller passed is wrong
+  scale_at_minimum,  // dynamic loss scale would go below its minimum (error_at_min is on)
+  unsupported,       // a valid request this build or backend cannot carry out
 };
 
 // The result of an operation that may fail; `message` names the argument and the value.

@@ -3,9 +3,9 @@
 // and the write-back of the low-precision param copy.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cmath>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -55,13 +55,13 @@ inline const char* to_string(skip_reason r) {
 struct step_result {
   bool applied = false;
   skip_reason reason = skip_reason::none;
-  double grad_norm = 0.0;    // global L2 norm of the unscaled gradients before clipping (inf/NaN on overflow)
-  double clip_coef = 1.0;    // factor clipping applied to the unscaled gradients (1: no clipping)
-  double loss_scale = 1.0;   // the scale the gradients were produced with
+  double grad_norm = 0.0;        // global L2 norm of the unscaled gradients before clipping (inf/NaN on overflow)
+  double clip_coef = 1.0;        // factor clipping applied to the unscaled gradients (1: no clipping)
+  double loss_scale = 1.0;       // the scale the gradients were produced with
   double next_loss_scale = 1.0;  // the scale to use for the next backward
   scale_event event = scale_event::unchanged;
-  std::int64_t step = 0;     // applied steps so far, this one included
-  status error;              // not ok only for skip_reason::scale_at_minimum (error_at_min)
+  std::int64_t step = 0;  // applied steps so far, this one included
+  status error;           // not ok only for skip_reason::scale_at_minimum (error_at_min)
 };
 
 template <class Rule, class Prec, class Scaler = no_scaler>
@@ -124,8 +124,8 @@ class optimizer {
   const state_t* state(std::size_t g, int j) const {
     check_group_index(g);
     if (j < 0 || j >= groups_[g].num_states)
-      throw error(status::invalid("state index " + std::to_string(j) + " out of range for group " +
-                                  std::to_string(g) + " (" + std::to_string(groups_[g].num_states) + " states)"));
+      throw error(status::invalid("state index " + std::to_string(j) + " out of range for group " + std::to_string(g) +
+                                  " (" + std::to_string(groups_[g].num_states) + " states)"));
     return groups_[g].states[std::size_t(j)].data();
   }
   int num_states(std::size_t g) const { return groups_.at(g).num_states; }
@@ -183,9 +183,9 @@ class optimizer {
     }
 
     const double unscale_by = options_.deepspeed_scale_order ? r.next_loss_scale : r.loss_scale;
-    const grad_factor f =
-        need_stats ? combined_grad_factor(stats.sum_sq, float(unscale_by), float(options_.max_grad_norm))
-                   : grad_factor{float(1.0 / unscale_by), 0.0f, 1.0f};
+    const grad_factor f = need_stats
+                              ? combined_grad_factor(stats.sum_sq, float(unscale_by), float(options_.max_grad_norm))
+                              : grad_factor{float(1.0 / unscale_by), 0.0f, 1.0f};
     r.grad_norm = need_stats ? std::sqrt(stats.sum_sq) / r.loss_scale : std::nan("");
     r.clip_coef = f.clip_coef;
 
@@ -201,7 +201,7 @@ class optimizer {
 
   struct group {
     group_type spec;
-    std::vector<std::size_t> offsets;  // tensor boundaries, size tensors + 1
+    std::vector<std::size_t> offsets;            // tensor boundaries, size tensors + 1
     host::aligned_buffer<master_t> master_copy;  // empty when the param buffer is the master
     std::vector<host::aligned_buffer<state_t>> states;
     int num_states = 0;
@@ -229,8 +229,10 @@ class optimizer {
 
   static status validate_group(const group_type& spec, std::size_t g) {
     const std::string where = "group " + std::to_string(g) + ": ";
-    if (spec.size > 0 && spec.params == nullptr) return status::invalid(where + "params is null but size is " + std::to_string(spec.size));
-    if (spec.size > 0 && spec.grads == nullptr) return status::invalid(where + "grads is null but size is " + std::to_string(spec.size));
+    if (spec.size > 0 && spec.params == nullptr)
+      return status::invalid(where + "params is null but size is " + std::to_string(spec.size));
+    if (spec.size > 0 && spec.grads == nullptr)
+      return status::invalid(where + "grads is null but size is " + std::to_string(spec.size));
     if (!spec.tensor_sizes.empty()) {
       std::size_t total = 0;
       for (std::size_t s : spec.tensor_sizes) total += s;

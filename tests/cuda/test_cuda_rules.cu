@@ -11,8 +11,8 @@ namespace {
 
 // fp16 params get the dynamic loss scaler they are used with; the others none.
 template <class Prec>
-using scaler_for = std::conditional_t<std::is_same_v<typename Prec::param_t, half_t>, mpopt::dynamic_scaler,
-                                      mpopt::no_scaler>;
+using scaler_for =
+    std::conditional_t<std::is_same_v<typename Prec::param_t, half_t>, mpopt::dynamic_scaler, mpopt::no_scaler>;
 
 template <class Rule, class Prec>
 void lockstep(const typename Rule::args& a, const typename Rule::args& b, int steps = 10) {

@@ -35,16 +35,19 @@ using fp32 = mpopt::fp32_policy;
 using bf16_mixed = mpopt::bf16_mixed_policy;
 using fp16_mixed = mpopt::fp16_mixed_policy;
 using bf16_pure = mpopt::bf16_pure_policy;
-using fp16_master = mpopt::precision<mpopt::param<half_t>, mpopt::master<half_t>, mpopt::grad<half_t>,
-                                     mpopt::state<float>>;
+using fp16_master =
+    mpopt::precision<mpopt::param<half_t>, mpopt::master<half_t>, mpopt::grad<half_t>, mpopt::state<float>>;
 
 template <class T>
 using device_buffer = mpopt::cuda::device_buffer<T>;
 
+// The copies below wait for the device afterwards: a cudaMemcpy from pageable memory may return before its DMA has
+// landed, and work on a non-blocking stream is not ordered after it.
 template <class T>
 device_buffer<T> to_device(const std::vector<T>& v) {
   device_buffer<T> d(v.size(), "test buffer");
   if (!v.empty()) MPOPT_CUDA_REQUIRE(cudaMemcpy(d.get(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  MPOPT_CUDA_REQUIRE(cudaDeviceSynchronize());
   return d;
 }
 
@@ -58,6 +61,7 @@ std::vector<T> to_host(const T* p, std::size_t n) {
 template <class T>
 void copy_to(T* device, const T* host, std::size_t n) {
   if (n > 0) MPOPT_CUDA_REQUIRE(cudaMemcpy(device, host, n * sizeof(T), cudaMemcpyHostToDevice));
+  MPOPT_CUDA_REQUIRE(cudaDeviceSynchronize());
 }
 
 template <class T>
@@ -105,17 +109,21 @@ template <class T>
 double as_double(T x) {
   return double(mpopt::convert<float>(x));
 }
-inline double as_double(double x) { return x; }
+inline double as_double(double x) {
+  return x;
+}
 
 // Counts elements outside the lockstep bound (see the top of this file); records the worst in `worst`.
+// Elements where `excused` is true are not compared.
 template <class T>
 std::size_t count_outside(const std::vector<T>& device, const std::vector<T>& host, const std::vector<double>& scale,
-                          std::string& worst) {
+                          std::string& worst, const std::vector<bool>& excused = {}) {
   constexpr double k = sizeof(T) == 2 ? 1.0 : 2.0;
   constexpr double eps32 = 1.1920928955078125e-07;
   std::size_t bad = 0;
   double worst_excess = 0;
   for (std::size_t i = 0; i < host.size(); ++i) {
+    if (!excused.empty() && excused[i]) continue;
     const double d = as_double(device[i]), h = as_double(host[i]);
     if (std::isnan(d) && std::isnan(h)) continue;
     const double bound = k * ulp_of<T>(std::max(std::fabs(d), std::fabs(h))) + 8 * eps32 * scale[i];
@@ -184,7 +192,7 @@ struct twin {
   twin(std::vector<group_spec<Rule>> groups, typename Scaler::args scaler = {}, mpopt::step_options options = {},
        std::uint64_t seed = 1)
       : specs(std::move(groups)), gen(seed) {
-    MPOPT_CUDA_REQUIRE(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    MPOPT_CUDA_REQUIRE(cudaStreamCreate(&stream));  // blocking: ordered with the legacy-stream copies of the tests
     std::vector<mpopt::param_group<Rule, Prec>> hg, dg;
     for (const auto& s : specs) {
       std::vector<P> p(s.size);
@@ -273,17 +281,32 @@ struct twin {
       const std::size_t n = specs[g].size;
       std::string worst;
       INFO("step ", index, ", group ", g);
-      const std::size_t bad_master = count_outside(to_host(dev->master(g), n), host_master(g), scale[g], worst);
+      REQUIRE(dev->num_states(g) == host->num_states(g));
+      // LAMB's direction reads the states as stored: where a 16-bit state rounded the other way (allowed above),
+      // that element's weight moves by a fraction of lr * ratio * |u| more. Those elements' weights are excused;
+      // they are rare (a state must sit at a rounding boundary to within a float ulp).
+      std::vector<bool> excused(n, false);
+      std::size_t n_excused = 0;
+      for (int j = 0; j < host->num_states(g); ++j) {
+        const std::vector<S> d = to_host(dev->state(g, j), n), h = host_state(g, j);
+        const std::size_t bad = count_outside(d, h, scale[g], worst);
+        CHECK_MESSAGE(bad == 0, "state ", j, ": ", bad, " of ", n, " outside the bound; worst ", worst);
+        if constexpr (Rule::per_tensor && sizeof(S) == 2) {
+          for (std::size_t i = 0; i < n; ++i) {
+            if (d[i].bits != h[i].bits && !excused[i]) {
+              excused[i] = true;
+              ++n_excused;
+            }
+          }
+        }
+      }
+      CHECK(n_excused <= n / 100 + 2);
+      const std::size_t bad_master =
+          count_outside(to_host(dev->master(g), n), host_master(g), scale[g], worst, excused);
       CHECK_MESSAGE(bad_master == 0, "master: ", bad_master, " of ", n, " outside the bound; worst ", worst);
       if constexpr (Prec::separate_master) {
-        const std::size_t bad_param =
-            count_outside(to_host(dparam(g), n), h_params[g], scale[g], worst);
+        const std::size_t bad_param = count_outside(to_host(dparam(g), n), h_params[g], scale[g], worst, excused);
         CHECK_MESSAGE(bad_param == 0, "params: ", bad_param, " of ", n, " outside the bound; worst ", worst);
-      }
-      REQUIRE(dev->num_states(g) == host->num_states(g));
-      for (int j = 0; j < host->num_states(g); ++j) {
-        const std::size_t bad = count_outside(to_host(dev->state(g, j), n), host_state(g, j), scale[g], worst);
-        CHECK_MESSAGE(bad == 0, "state ", j, ": ", bad, " of ", n, " outside the bound; worst ", worst);
       }
     }
   }

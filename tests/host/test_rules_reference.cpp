@@ -41,7 +41,8 @@ std::vector<std::vector<double>> lamb_reference(const problem& p, const mpopt::l
   std::vector<std::vector<double>> out;
   for (std::size_t s = 0; s < p.grads.size(); ++s) {
     const double t = double(s + 1);
-    const double bc1 = a.bias_correction ? 1 - std::pow(a.beta1, t) : 1, bc2 = a.bias_correction ? 1 - std::pow(a.beta2, t) : 1;
+    const double bc1 = a.bias_correction ? 1 - std::pow(a.beta1, t) : 1,
+                 bc2 = a.bias_correction ? 1 - std::pow(a.beta2, t) : 1;
     std::size_t off = 0;
     for (std::size_t len : p.tensors) {
       std::vector<double> r(len);

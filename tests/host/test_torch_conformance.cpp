@@ -37,7 +37,8 @@ std::vector<fs::path> fixture_files() {
 // Representable values of `dtype` between a and b (both exactly representable in it).
 std::int64_t ulps_apart(double a, double b, const std::string& dtype) {
   auto ordered = [&](double x) -> std::int64_t {
-    const std::uint16_t bits = dtype == "bf16" ? mpopt::convert<mpopt::bf16_t>(x).bits : mpopt::convert<mpopt::half_t>(x).bits;
+    const std::uint16_t bits =
+        dtype == "bf16" ? mpopt::convert<mpopt::bf16_t>(x).bits : mpopt::convert<mpopt::half_t>(x).bits;
     const std::int64_t mag = bits & 0x7fff;
     return (bits & 0x8000) ? -mag : mag;
   };
@@ -124,8 +125,8 @@ TEST_CASE("a trajectory from mpopt-conformance differs from torch when the case 
 TEST_CASE("bad optimizer cases are rejected with a message naming the key") {
   using mpopt::conformance::bad_input;
   using mpopt::conformance::run_optimizer_case;
-  const json ok = {{"optimizer", "sgd"}, {"dtype", "fp32"}, {"hparams", {{"lr", 0.1}}},
-                   {"w0", {1.0, 2.0}},   {"grads", {{0.5, 0.5}}}};
+  const json ok = {
+      {"optimizer", "sgd"}, {"dtype", "fp32"}, {"hparams", {{"lr", 0.1}}}, {"w0", {1.0, 2.0}}, {"grads", {{0.5, 0.5}}}};
   CHECK(run_optimizer_case(ok).at("traj").size() == 1);
   auto with = [&](const char* key, json v) {
     json c = ok;
@@ -145,7 +146,8 @@ TEST_CASE("bad optimizer cases are rejected with a message naming the key") {
                        bad_input);
   CHECK_THROWS_WITH_AS(run_optimizer_case(with("steps", 3)), "steps: unknown key in the case", bad_input);
   CHECK_THROWS_WITH_AS(
-      run_optimizer_case(with("precision", {{"param", "fp32"}, {"master", "fp32"}, {"grad", "fp32"}, {"state", "fp16"}})),
+      run_optimizer_case(
+          with("precision", {{"param", "fp32"}, {"master", "fp32"}, {"grad", "fp32"}, {"state", "fp16"}})),
       "precision {param: fp32, master: fp32, grad: fp32, state: fp16}: fp16 optimizer states are not supported; use "
       "state fp32 (or bf16 with a bf16 master)",
       bad_input);

@@ -43,8 +43,8 @@ std::vector<double> numbers_at(const nlohmann::json& j, const std::string& where
 
 optimizer_case parse(const nlohmann::json& in) {
   if (!in.is_object()) throw bad_input("case: expected a JSON object, got " + in.dump());
-  static const std::set<std::string> known = {"optimizer", "dtype",        "hparams",      "w0",
-                                              "grads",     "precision",    "tensor_sizes", "max_grad_norm"};
+  static const std::set<std::string> known = {"optimizer", "dtype",     "hparams",      "w0",
+                                              "grads",     "precision", "tensor_sizes", "max_grad_norm"};
   for (auto it = in.begin(); it != in.end(); ++it)
     if (!known.count(it.key())) throw bad_input(it.key() + ": unknown key in the case");
   for (const char* k : {"optimizer", "w0", "grads"})
@@ -58,14 +58,20 @@ optimizer_case parse(const nlohmann::json& in) {
   if (in.contains("precision")) {
     const auto& p = in["precision"];
     if (!p.is_object()) throw bad_input("precision: expected an object, got " + p.dump());
-    if (d != dtype::fp32) throw bad_input("precision: requires \"dtype\": \"fp32\" (compute is fp32), got " + in["dtype"].dump());
+    if (d != dtype::fp32)
+      throw bad_input("precision: requires \"dtype\": \"fp32\" (compute is fp32), got " + in["dtype"].dump());
     for (auto it = p.begin(); it != p.end(); ++it) {
       const std::string where = "precision." + it.key();
-      if (it.key() == "param") c.param = dtype_at(it.value(), where, false);
-      else if (it.key() == "master") c.master = dtype_at(it.value(), where, false);
-      else if (it.key() == "grad") c.grad = dtype_at(it.value(), where, false);
-      else if (it.key() == "state") c.state = dtype_at(it.value(), where, false);
-      else throw bad_input(where + ": unknown role (param, master, grad, state)");
+      if (it.key() == "param")
+        c.param = dtype_at(it.value(), where, false);
+      else if (it.key() == "master")
+        c.master = dtype_at(it.value(), where, false);
+      else if (it.key() == "grad")
+        c.grad = dtype_at(it.value(), where, false);
+      else if (it.key() == "state")
+        c.state = dtype_at(it.value(), where, false);
+      else
+        throw bad_input(where + ": unknown role (param, master, grad, state)");
     }
   }
   if (in.contains("hparams")) {
@@ -84,7 +90,8 @@ optimizer_case parse(const nlohmann::json& in) {
   if (in.contains("tensor_sizes")) {
     std::size_t total = 0;
     for (double v : numbers_at(in["tensor_sizes"], "tensor_sizes")) {
-      if (v < 0 || v != std::floor(v)) throw bad_input("tensor_sizes: expected whole numbers >= 0, got " + std::to_string(v));
+      if (v < 0 || v != std::floor(v))
+        throw bad_input("tensor_sizes: expected whole numbers >= 0, got " + std::to_string(v));
       c.tensor_sizes.push_back(std::size_t(v));
       total += std::size_t(v);
     }
@@ -99,10 +106,14 @@ optimizer_case parse(const nlohmann::json& in) {
 
 std::string unsupported_policy_message(const optimizer_case& c) {
   std::string why;
-  if (c.state == dtype::fp16) why = "fp16 optimizer states are not supported; use state fp32 (or bf16 with a bf16 master)";
-  else if (c.state == dtype::bf16 && c.master != dtype::bf16) why = "state bf16 requires master bf16";
-  else if (c.master != c.param && c.master != dtype::fp32) why = "master must be the param dtype or fp32";
-  else why = "not among the supported policies (README, 'Precision policies')";
+  if (c.state == dtype::fp16)
+    why = "fp16 optimizer states are not supported; use state fp32 (or bf16 with a bf16 master)";
+  else if (c.state == dtype::bf16 && c.master != dtype::bf16)
+    why = "state bf16 requires master bf16";
+  else if (c.master != c.param && c.master != dtype::fp32)
+    why = "master must be the param dtype or fp32";
+  else
+    why = "not among the supported policies (README, 'Precision policies')";
   return std::string("precision {param: ") + dtype_name(c.param) + ", master: " + dtype_name(c.master) +
          ", grad: " + dtype_name(c.grad) + ", state: " + dtype_name(c.state) + "}: " + why;
 }

@@ -11,8 +11,8 @@
 
 #include "conformance.hpp"
 #include "mpopt/optimizer.hpp"
-#include "mpopt/rules.hpp"
 #include "mpopt/policy/supported.hpp"
+#include "mpopt/rules.hpp"
 
 namespace mpopt::conformance {
 

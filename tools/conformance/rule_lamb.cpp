@@ -9,7 +9,8 @@ nlohmann::json run_lamb(const optimizer_case& c) {
       {"betas", [](A& a, const nlohmann::json& v, const std::string& w) { set_betas(a, v, w); }},
       {"eps", [](A& a, const nlohmann::json& v, const std::string& w) { a.eps = number_at(v, w); }},
       {"weight_decay", [](A& a, const nlohmann::json& v, const std::string& w) { a.weight_decay = number_at(v, w); }},
-      {"bias_correction", [](A& a, const nlohmann::json& v, const std::string& w) { a.bias_correction = bool_at(v, w); }},
+      {"bias_correction",
+       [](A& a, const nlohmann::json& v, const std::string& w) { a.bias_correction = bool_at(v, w); }},
       {"max_coeff", [](A& a, const nlohmann::json& v, const std::string& w) { a.max_coeff = number_at(v, w); }},
       {"min_coeff", [](A& a, const nlohmann::json& v, const std::string& w) { a.min_coeff = number_at(v, w); }},
   };

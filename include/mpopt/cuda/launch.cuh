@@ -101,8 +101,7 @@ MPOPT_DEVICE MPOPT_FORCEINLINE void for_each_in_chunk(std::uint64_t begin, std::
   const std::uint64_t tid = threadIdx.x;
   if (vector_ok) {
     const std::uint64_t vector_end = begin + (end - begin) / V * V;
-    for (std::uint64_t i = begin + tid * V; i < vector_end; i += std::uint64_t(block_threads) * V)
-      f.template run<V>(i);
+    for (std::uint64_t i = begin + tid * V; i < vector_end; i += std::uint64_t(block_threads) * V) f.template run<V>(i);
     if (vector_end + tid < end) f.template run<1>(vector_end + tid);
   } else {
     for (std::uint64_t i = begin + tid; i < end; i += block_threads) f.template run<1>(i);

@@ -8,6 +8,11 @@
 //   3. the fused update (update.cuh): one launch per state count over a device-memory table with one entry per group
 //      (per tensor for LAMB, which adds its ratio kernel and second phase); it returns at once on a skipped step.
 //
+// Usage (device pointers in the groups; the stream is the caller's):
+//   mpopt::cuda::optimizer<mpopt::adamw, mpopt::bf16_mixed_policy> opt({group}, {}, options, stream);
+//   opt.step(stream);                           // enqueues the whole step: no synchronisation, capturable
+//   mpopt::step_result r = opt.result(stream);  // optional: copies the outcome back and waits for the stream
+//
 // Errors: construction and the setters throw mpopt::error (bad input: errc::invalid_argument with the host
 // optimizer's messages; a CUDA failure: errc::unsupported naming the call). step() cannot throw on a launch failure
 // it only learns about later, so it returns nothing and keeps the first failure of its launches in last_error();
@@ -70,7 +75,8 @@ class optimizer {
   // Validates every group as mpopt::optimizer does (same messages), and also that params and grads are aligned to
   // their element size and are memory the current device can use. Allocates the master (when separate) and the
   // states on the current device, initialises them as the host does (master = convert(param), states =
-  // Rule::initial_state) on `stream`, and waits for that: construction is the one place that synchronises.
+  // Rule::initial_state) on `stream`, and waits for that: construction is the one place that synchronises. The
+  // params must hold their initial values in `stream` order.
   explicit optimizer(std::vector<group_type> groups, scaler_args scaler = {}, step_options options = {},
                      cudaStream_t stream = nullptr)
       : scaler_args_(scaler), options_(options) {
@@ -128,14 +134,15 @@ class optimizer {
       } else {
         dispatch_state_count<counts::min, counts::max>(part.num_states, [&](auto ns) {
           note(launch_update<Rule, Prec, decltype(ns)::value, MS>(part.table.entries(), part.table.map(), part.grid,
-                                                                   coeffs_d_.get(), core, stream),
+                                                                  coeffs_d_.get(), core, stream),
                "step: launch of the update kernel");
         });
       }
     }
   }
 
-  // The first failure of the latest step()'s launches (ok when they were all enqueued).
+  // The first failure of the latest step()'s launches (ok when they were all enqueued). It comes from
+  // cudaGetLastError, which is per host thread: an unchecked failed launch of the caller's own shows up here too.
   const status& last_error() const noexcept { return last_error_; }
 
   // The outcome of the latest step() enqueued on `stream`: copies the step scalars back and waits for the stream.
@@ -225,8 +232,8 @@ class optimizer {
   state_t* state(std::size_t g, int j) const {
     check_group_index(g);
     if (j < 0 || j >= groups_[g].num_states)
-      throw error(status::invalid("state index " + std::to_string(j) + " out of range for group " +
-                                  std::to_string(g) + " (" + std::to_string(groups_[g].num_states) + " states)"));
+      throw error(status::invalid("state index " + std::to_string(j) + " out of range for group " + std::to_string(g) +
+                                  " (" + std::to_string(groups_[g].num_states) + " states)"));
     return groups_[g].states[std::size_t(j)].get();
   }
   int num_states(std::size_t g) const {
@@ -331,8 +338,8 @@ class optimizer {
     const cudaError_t err = cudaPointerGetAttributes(&attr, p);
     if (err != cudaSuccess) {
       (void)cudaGetLastError();
-      return status::invalid(what + " is not memory CUDA knows (cudaPointerGetAttributes: " +
-                             cudaGetErrorName(err) + ")");
+      return status::invalid(what + " is not memory CUDA knows (cudaPointerGetAttributes: " + cudaGetErrorName(err) +
+                             ")");
     }
     switch (attr.type) {
       case cudaMemoryTypeDevice:

@@ -103,8 +103,8 @@ cudaError_t launch_grad_stats(const grad_entry<G>* entries, const chunk_map& map
                               const double* max_grad_norm, double* partial_sum, int* partial_flag,
                               cudaStream_t stream) {
   if (grid == 0) return cudaSuccess;
-  grad_stats_kernel<G><<<grid, block_threads, 0, stream>>>(entries, map, check, max_grad_norm, partial_sum,
-                                                           partial_flag);
+  grad_stats_kernel<G>
+      <<<grid, block_threads, 0, stream>>>(entries, map, check, max_grad_norm, partial_sum, partial_flag);
   return cudaGetLastError();
 }
 

@@ -33,8 +33,8 @@ struct tensor_entry {
 
 // Elements per thread of the update: 16 bytes of the narrowest of the four roles' types.
 template <class Prec>
-inline constexpr int update_vector_width = elements_per_vector<typename Prec::param_t, typename Prec::master_t,
-                                                               typename Prec::grad_t, typename Prec::state_t>;
+inline constexpr int update_vector_width =
+    elements_per_vector<typename Prec::param_t, typename Prec::master_t, typename Prec::grad_t, typename Prec::state_t>;
 
 // The state counts each rule's num_states(args) can return; one kernel is compiled per count. Rules not listed
 // get every count from 0 to max_states.
@@ -102,7 +102,7 @@ struct update_op {
     vec<param_t, W> p;
 #pragma unroll
     for (int e = 0; e < W; ++e) {
-      C s[S] = {};
+      C s[Rule::max_states > 0 ? Rule::max_states : 1] = {};  // rule/common.hpp: max_states slots, zero beyond NS
 #pragma unroll
       for (int j = 0; j < NS; ++j) s[j] = convert<C>(st[j].v[e]);
       C w = convert<C>(m.v[e]);
@@ -121,8 +121,8 @@ struct update_op {
 };
 
 template <class Entry>
-MPOPT_DEVICE MPOPT_FORCEINLINE void chunk_range(const chunk_map& map, std::uint64_t c, std::uint32_t e,
-                                                const Entry& t, std::uint64_t& begin, std::uint64_t& end) {
+MPOPT_DEVICE MPOPT_FORCEINLINE void chunk_range(const chunk_map& map, std::uint64_t c, std::uint32_t e, const Entry& t,
+                                                std::uint64_t& begin, std::uint64_t& end) {
   begin = (c - map.chunk_begin[e]) * map.chunk_elems;
   end = begin + map.chunk_elems < t.n ? begin + map.chunk_elems : t.n;
 }
@@ -153,8 +153,8 @@ __global__ void __launch_bounds__(block_threads)
 
 template <class Rule, class Prec, int NS, int MS>
 cudaError_t launch_update(const tensor_entry<Prec, MS>* entries, const chunk_map& map, std::uint32_t grid,
-                          const typename Rule::template coeffs<typename Prec::compute_t>* coeffs,
-                          const step_core* core, cudaStream_t stream) {
+                          const typename Rule::template coeffs<typename Prec::compute_t>* coeffs, const step_core* core,
+                          cudaStream_t stream) {
   if (grid == 0) return cudaSuccess;
   update_kernel<Rule, Prec, NS, MS><<<grid, block_threads, 0, stream>>>(entries, map, coeffs, core);
   return cudaGetLastError();

@@ -70,14 +70,15 @@ struct group_view {
 
 namespace detail {
 
-template <class Prec, int NS, class Load>
-MPOPT_FORCEINLINE void load_states(typename Prec::compute_t (&s)[NS > 0 ? NS : 1], const Load& states, std::size_t i) {
+// The first NS of the rule's max_states slots come from the state buffers; the rest are zero scratch.
+template <class Prec, int NS, int MS, class Load>
+MPOPT_FORCEINLINE void load_states(typename Prec::compute_t (&s)[MS], const Load& states, std::size_t i) {
   for (int j = 0; j < NS; ++j) s[j] = convert<typename Prec::compute_t>(states[j][i]);
+  for (int j = NS; j < MS; ++j) s[j] = typename Prec::compute_t(0);
 }
 
-template <class Prec, int NS, class Store>
-MPOPT_FORCEINLINE void store_states(const typename Prec::compute_t (&s)[NS > 0 ? NS : 1], const Store& states,
-                                    std::size_t i) {
+template <class Prec, int NS, int MS, class Store>
+MPOPT_FORCEINLINE void store_states(const typename Prec::compute_t (&s)[MS], const Store& states, std::size_t i) {
   for (int j = 0; j < NS; ++j) states[j][i] = convert<typename Prec::state_t>(s[j]);
 }
 
@@ -89,18 +90,36 @@ MPOPT_FORCEINLINE void store_weight(const View& v, std::size_t i, typename Prec:
   if constexpr (Prec::separate_master) v.param[i] = convert<typename Prec::param_t>(m);
 }
 
-// Elementwise rules, with the state count fixed at compile time so the loop vectorises.
+// Elementwise rules, with the state count fixed at compile time so the loop vectorises. The buffer pointers are
+// copied into restrict locals: otherwise every store could alias the view and the loop would reload them.
+// GCC vectorises it for fp32 buffers when sqrt need not set errno (-fno-math-errno); 16-bit conversions stay scalar.
 template <class Rule, class Prec, int NS, class View, class Coeffs, class C>
 void elementwise_range(const View& v, const Coeffs& k, C grad_factor, std::size_t begin, std::size_t end) {
-  MPOPT_PRAGMA_OMP_SIMD
+  using state_t = typename Prec::state_t;
+  constexpr int MS = Rule::max_states > 0 ? Rule::max_states : 1;
+  typename Prec::master_t* __restrict master = v.master;
+  typename Prec::param_t* __restrict param = v.param;
+  const typename Prec::grad_t* __restrict grad = v.grad;
+  static_assert(MS <= 3, "elementwise_range: rules with more than 3 states need another slot here");
+  // Named pointers, not an array of them: an indexed pointer load blocks vectorisation.
+  state_t* __restrict st0 = v.states[0];
+  state_t* __restrict st1 = MS > 1 ? v.states[MS > 1 ? 1 : 0] : nullptr;
+  state_t* __restrict st2 = MS > 2 ? v.states[MS > 2 ? 2 : 0] : nullptr;
+  MPOPT_PRAGMA_VECTORIZE
   for (std::size_t i = begin; i < end; ++i) {
-    C s[NS > 0 ? NS : 1];
-    load_states<Prec, NS>(s, v.states, i);
-    C w = convert<C>(v.master[i]);
-    const C g = convert<C>(v.grad[i]) * grad_factor;
+    C s[3] = {C(0), C(0), C(0)};
+    if constexpr (NS > 0) s[0] = convert<C>(st0[i]);
+    if constexpr (NS > 1) s[1] = convert<C>(st1[i]);
+    if constexpr (NS > 2) s[2] = convert<C>(st2[i]);
+    C w = convert<C>(master[i]);
+    const C g = convert<C>(grad[i]) * grad_factor;
     Rule::apply(k, w, g, s);
-    store_states<Prec, NS>(s, v.states, i);
-    store_weight<Prec>(v, i, w);
+    if constexpr (NS > 0) st0[i] = convert<state_t>(s[0]);
+    if constexpr (NS > 1) st1[i] = convert<state_t>(s[1]);
+    if constexpr (NS > 2) st2[i] = convert<state_t>(s[2]);
+    const typename Prec::master_t m = convert<typename Prec::master_t>(w);
+    master[i] = m;
+    if constexpr (Prec::separate_master) param[i] = convert<typename Prec::param_t>(m);
   }
 }
 

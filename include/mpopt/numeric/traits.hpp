@@ -23,8 +23,8 @@ template <>
 struct dtype_of<double> : std::integral_constant<dtype, dtype::fp64> {};
 
 template <class T>
-inline constexpr bool is_element_type_v = std::is_same_v<T, float> || std::is_same_v<T, half_t> ||
-                                          std::is_same_v<T, bf16_t> || std::is_same_v<T, double>;
+inline constexpr bool is_element_type_v =
+    std::is_same_v<T, float> || std::is_same_v<T, half_t> || std::is_same_v<T, bf16_t> || std::is_same_v<T, double>;
 
 template <class T>
 inline constexpr bool is_16bit_v = std::is_same_v<T, half_t> || std::is_same_v<T, bf16_t>;
@@ -46,10 +46,10 @@ constexpr const char* dtype_name() {
 
 // Number of significand bits including the implicit one: orders types by precision.
 template <class T>
-inline constexpr int significand_bits_v = std::is_same_v<T, double> ? 53
-                                        : std::is_same_v<T, float>  ? 24
-                                        : std::is_same_v<T, half_t> ? 11
-                                        : std::is_same_v<T, bf16_t> ? 8
-                                                                    : 0;
+inline constexpr int significand_bits_v = std::is_same_v<T, double>   ? 53
+                                          : std::is_same_v<T, float>  ? 24
+                                          : std::is_same_v<T, half_t> ? 11
+                                          : std::is_same_v<T, bf16_t> ? 8
+                                                                      : 0;
 
 }  // namespace mpopt

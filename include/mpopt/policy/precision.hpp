@@ -69,14 +69,10 @@ struct precision {
   static_assert(std::is_same_v<compute_t, float> || (std::is_same_v<compute_t, double> && all_fp64),
                 "mpopt::precision: compute must be float; compute<double> is allowed only when param, master, "
                 "grad and state are all double");
-  static_assert(all_fp64 || detail::is_storage_v<param_t>,
-                "mpopt::precision: param must be float, half_t or bf16_t");
-  static_assert(all_fp64 || detail::is_storage_v<master_t>,
-                "mpopt::precision: master must be float, half_t or bf16_t");
-  static_assert(all_fp64 || detail::is_storage_v<grad_t>,
-                "mpopt::precision: grad must be float, half_t or bf16_t");
-  static_assert(all_fp64 || detail::is_storage_v<state_t>,
-                "mpopt::precision: state must be float or bf16_t");
+  static_assert(all_fp64 || detail::is_storage_v<param_t>, "mpopt::precision: param must be float, half_t or bf16_t");
+  static_assert(all_fp64 || detail::is_storage_v<master_t>, "mpopt::precision: master must be float, half_t or bf16_t");
+  static_assert(all_fp64 || detail::is_storage_v<grad_t>, "mpopt::precision: grad must be float, half_t or bf16_t");
+  static_assert(all_fp64 || detail::is_storage_v<state_t>, "mpopt::precision: state must be float or bf16_t");
   static_assert(std::is_same_v<master_t, param_t> || std::is_same_v<master_t, float> || all_fp64,
                 "mpopt::precision: master must be the param type or float; a master narrower than the param "
                 "(or of the other 16-bit family) loses what the param holds. Use master<float>");

@@ -15,10 +15,9 @@ using precision_of = precision<param<P>, master<M>, grad<G>, state<S>>;
 namespace detail {
 // param x master x grad with fp32 states (master is the param type or fp32), plus bf16 states with a bf16 master.
 template <class G>
-using policies_for_grad =
-    std::tuple<precision_of<float, float, G, float>, precision_of<half_t, float, G, float>,
-               precision_of<half_t, half_t, G, float>, precision_of<bf16_t, float, G, float>,
-               precision_of<bf16_t, bf16_t, G, float>, precision_of<bf16_t, bf16_t, G, bf16_t>>;
+using policies_for_grad = std::tuple<precision_of<float, float, G, float>, precision_of<half_t, float, G, float>,
+                                     precision_of<half_t, half_t, G, float>, precision_of<bf16_t, float, G, float>,
+                                     precision_of<bf16_t, bf16_t, G, float>, precision_of<bf16_t, bf16_t, G, bf16_t>>;
 }  // namespace detail
 
 // Every supported fp32-compute policy (18), then the fp64 reference policy.
@@ -37,9 +36,7 @@ constexpr bool precision_matches(dtype p, dtype m, dtype g, dtype s) {
 template <class List = supported_precisions, class F>
 bool dispatch_precision(dtype p, dtype m, dtype g, dtype s, F&& f) {
   return std::apply(
-      [&](auto... prec) {
-        return ((precision_matches<decltype(prec)>(p, m, g, s) ? (f(prec), true) : false) || ...);
-      },
+      [&](auto... prec) { return ((precision_matches<decltype(prec)>(p, m, g, s) ? (f(prec), true) : false) || ...); },
       List{});
 }
 

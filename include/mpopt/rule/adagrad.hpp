@@ -24,11 +24,11 @@ struct adagrad {
   static double initial_state(const args& a, int) { return a.initial_accumulator_value; }
 
   static status validate(const args& a) {
-    return detail::first_error(detail::check_nonnegative(name, "lr", a.lr),
-                               detail::check_nonnegative(name, "lr_decay", a.lr_decay),
-                               detail::check_nonnegative(name, "weight_decay", a.weight_decay),
-                               detail::check_nonnegative(name, "initial_accumulator_value", a.initial_accumulator_value),
-                               detail::check_positive(name, "eps", a.eps));
+    return detail::first_error(
+        detail::check_nonnegative(name, "lr", a.lr), detail::check_nonnegative(name, "lr_decay", a.lr_decay),
+        detail::check_nonnegative(name, "weight_decay", a.weight_decay),
+        detail::check_nonnegative(name, "initial_accumulator_value", a.initial_accumulator_value),
+        detail::check_positive(name, "eps", a.eps));
   }
 
   template <class C>

@@ -35,10 +35,12 @@ struct adam {
   }
 
   // Per-step scalars, formed in double and rounded once to C (as torch passes Python floats to its kernels).
+  // l2_decay is 0 in AdamW mode and decay_factor 1 in Adam mode, so apply() has no branch on the mode (x * 1 and
+  // g + 0 * w are exact for finite w).
   template <class C>
   struct coeffs {
-    C beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size, bias_correction2_sqrt;
-    bool adam_w_mode, amsgrad;
+    C beta1, one_minus_beta1, beta2, one_minus_beta2, eps, l2_decay, decay_factor, step_size, bias_correction2_sqrt;
+    bool amsgrad;
   };
 
   template <class C>
@@ -50,29 +52,23 @@ struct adam {
             C(a.beta2),
             C(1.0 - a.beta2),
             C(a.eps),
-            C(a.weight_decay),
-            C(1.0 - a.lr * a.weight_decay),
+            C(a.adam_w_mode ? 0.0 : a.weight_decay),
+            C(a.adam_w_mode ? 1.0 - a.lr * a.weight_decay : 1.0),
             C(a.lr / bc1),
             C(std::sqrt(bc2)),
-            a.adam_w_mode,
             a.amsgrad};
   }
 
-  // s: exp_avg, exp_avg_sq[, max_exp_avg_sq]. Same operation order as torch's single-tensor Adam.
+  // s: exp_avg, exp_avg_sq, max_exp_avg_sq (max_states slots; the third is stored only with amsgrad). Same
+  // operation order as torch's single-tensor Adam. Selects, not branches, so host loops vectorise.
   template <class C>
   MPOPT_HOST_DEVICE MPOPT_FORCEINLINE static void apply(const coeffs<C>& k, C& w, C g, C* s) {
-    if (k.adam_w_mode) {
-      w = w * k.decay_factor;
-    } else {
-      g = g + k.weight_decay * w;
-    }
+    g = g + k.l2_decay * w;
+    w = w * k.decay_factor;
     s[0] = s[0] * k.beta1 + k.one_minus_beta1 * g;
     s[1] = s[1] * k.beta2 + k.one_minus_beta2 * (g * g);
-    C v = s[1];
-    if (k.amsgrad) {
-      s[2] = detail::max_c(s[2], s[1]);
-      v = s[2];
-    }
+    s[2] = detail::max_c(s[2], s[1]);
+    const C v = k.amsgrad ? s[2] : s[1];
     const C denom = detail::sqrt_c(v) / k.bias_correction2_sqrt + k.eps;
     w = w - k.step_size * (s[0] / denom);
   }

@@ -10,6 +10,17 @@
 #include "../error.hpp"
 
 namespace mpopt {
+
+// The rule concept. Every rule R has:
+//   R::args                  plain struct of hyper-parameters (doubles), validated by R::validate -> status
+//   R::max_states, R::num_states(args), R::initial_state(args, j), R::state_names
+//   R::coeffs<C>             per-step scalars, from MPOPT_HOST_DEVICE R::prepare<C>(args, step), step counted from 1
+//   R::apply(k, w, g, s)     MPOPT_HOST_DEVICE per-element update (elementwise rules); s has R::max_states slots,
+//                            the first num_states loaded from the state buffers, the rest zero; only those
+//                            num_states are stored back
+//   R::per_tensor            true for rules with per-tensor norms (LAMB: update_states, direction, trust_ratio,
+//                            apply_direction instead of apply)
+
 namespace detail {
 
 // Formats "<rule>.<field> must be <what>, got <value>" with the value written exactly.

@@ -31,11 +31,11 @@ struct lamb {
   static double initial_state(const args&, int) { return 0.0; }
 
   static status validate(const args& a) {
-    status s = detail::first_error(
-        detail::check_nonnegative(name, "lr", a.lr), detail::check_beta(name, "beta1", a.beta1),
-        detail::check_beta(name, "beta2", a.beta2), detail::check_positive(name, "eps", a.eps),
-        detail::check_nonnegative(name, "weight_decay", a.weight_decay),
-        detail::check_nonnegative(name, "min_coeff", a.min_coeff));
+    status s =
+        detail::first_error(detail::check_nonnegative(name, "lr", a.lr), detail::check_beta(name, "beta1", a.beta1),
+                            detail::check_beta(name, "beta2", a.beta2), detail::check_positive(name, "eps", a.eps),
+                            detail::check_nonnegative(name, "weight_decay", a.weight_decay),
+                            detail::check_nonnegative(name, "min_coeff", a.min_coeff));
     if (s.ok() && !(a.max_coeff >= a.min_coeff))  // also rejects NaN; +inf means no upper clamp
       return detail::field_error(name, "max_coeff", ">= min_coeff", a.max_coeff);
     return s;
@@ -51,8 +51,8 @@ struct lamb {
   MPOPT_HOST_DEVICE static coeffs<C> prepare(const args& a, std::int64_t step) {
     const double bc1 = a.bias_correction ? 1.0 - std::pow(a.beta1, double(step)) : 1.0;
     const double bc2 = a.bias_correction ? 1.0 - std::pow(a.beta2, double(step)) : 1.0;
-    return {C(a.beta1),     C(1.0 - a.beta1), C(a.beta2), C(1.0 - a.beta2), C(a.eps), C(a.weight_decay),
-            C(1.0 / bc1),   C(1.0 / bc2),     C(a.lr),    a.max_coeff,      a.min_coeff};
+    return {C(a.beta1),   C(1.0 - a.beta1), C(a.beta2), C(1.0 - a.beta2), C(a.eps),   C(a.weight_decay),
+            C(1.0 / bc1), C(1.0 / bc2),     C(a.lr),    a.max_coeff,      a.min_coeff};
   }
 
   // Phase 1: advance the moments.

@@ -45,14 +45,14 @@ struct sgd {
     return {C(a.lr), C(a.momentum), C(1.0 - a.dampening), C(a.weight_decay), a.momentum != 0.0, a.nesterov, step == 1};
   }
 
+  // s[0] is the momentum buffer (a scratch slot without momentum). Selects, not branches, so host loops vectorise.
   template <class C>
   MPOPT_HOST_DEVICE MPOPT_FORCEINLINE static void apply(const coeffs<C>& k, C& w, C g, C* s) {
     g = g + k.weight_decay * w;
-    if (k.use_momentum) {
-      // torch starts the buffer at the first gradient, undamped.
-      s[0] = k.first_step ? g : s[0] * k.momentum + k.one_minus_dampening * g;
-      g = k.nesterov ? g + k.momentum * s[0] : s[0];
-    }
+    // torch starts the buffer at the first gradient, undamped.
+    s[0] = k.first_step ? g : s[0] * k.momentum + k.one_minus_dampening * g;
+    const C with_momentum = k.nesterov ? g + k.momentum * s[0] : s[0];
+    g = k.use_momentum ? with_momentum : g;
     w = w - k.lr * g;
   }
 };

@@ -1,0 +1,15 @@
+# Runs COMMAND (a ;-list) and fails unless it exits with EXPECT_EXIT and its output matches EXPECT_OUTPUT
+# (stdout for exit 0, stderr otherwise).
+execute_process(COMMAND ${COMMAND} RESULT_VARIABLE code OUTPUT_VARIABLE out ERROR_VARIABLE err)
+if(NOT code STREQUAL EXPECT_EXIT)
+  message(FATAL_ERROR "exit ${code}, expected ${EXPECT_EXIT}\nstdout: ${out}\nstderr: ${err}")
+endif()
+if(EXPECT_EXIT STREQUAL "0")
+  set(text "${out}")
+else()
+  set(text "${err}")
+endif()
+if(NOT text MATCHES "${EXPECT_OUTPUT}")
+  message(FATAL_ERROR "output does not match '${EXPECT_OUTPUT}'\nstdout: ${out}\nstderr: ${err}")
+endif()
+message(STATUS "ok: exit ${code}, output matches")
