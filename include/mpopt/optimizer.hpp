@@ -64,6 +64,39 @@ struct step_result {
   status error;           // not ok only for skip_reason::scale_at_minimum (error_at_min)
 };
 
+namespace detail {
+
+inline status with_group_prefix(status s, std::size_t g) {
+  if (!s.ok()) s.message = "group " + std::to_string(g) + ": " + s.message;
+  return s;
+}
+
+inline status validate_step_options(const step_options& o) {
+  if (!std::isfinite(o.max_grad_norm))
+    return status::invalid("step_options.max_grad_norm must be finite, got " + std::to_string(o.max_grad_norm));
+  return status::success();
+}
+
+// The checks every backend makes of a group, with the messages the tests pin.
+template <class Rule, class Prec>
+status validate_group(const param_group<Rule, Prec>& spec, std::size_t g) {
+  const std::string where = "group " + std::to_string(g) + ": ";
+  if (spec.size > 0 && spec.params == nullptr)
+    return status::invalid(where + "params is null but size is " + std::to_string(spec.size));
+  if (spec.size > 0 && spec.grads == nullptr)
+    return status::invalid(where + "grads is null but size is " + std::to_string(spec.size));
+  if (!spec.tensor_sizes.empty()) {
+    std::size_t total = 0;
+    for (std::size_t s : spec.tensor_sizes) total += s;
+    if (total != spec.size)
+      return status::invalid(where + "tensor_sizes add up to " + std::to_string(total) + " but size is " +
+                             std::to_string(spec.size));
+  }
+  return with_group_prefix(Rule::validate(spec.hparams), g);
+}
+
+}  // namespace detail
+
 template <class Rule, class Prec, class Scaler = no_scaler>
 class optimizer {
   static_assert(is_precision<Prec>::value,
@@ -88,8 +121,8 @@ class optimizer {
   explicit optimizer(std::vector<group_type> groups, scaler_args scaler = {}, step_options options = {})
       : scaler_args_(scaler), options_(options) {
     throw_if_error(Scaler::validate(scaler_args_));
-    throw_if_error(validate_options(options_));
-    for (std::size_t g = 0; g < groups.size(); ++g) throw_if_error(validate_group(groups[g], g));
+    throw_if_error(detail::validate_step_options(options_));
+    for (std::size_t g = 0; g < groups.size(); ++g) throw_if_error(detail::validate_group(groups[g], g));
     scaler_state_ = Scaler::init(scaler_args_);
     groups_.reserve(groups.size());
     for (auto& spec : groups) groups_.push_back(make_group(std::move(spec)));
@@ -100,7 +133,7 @@ class optimizer {
   // Validates before changing anything (e.g. an lr schedule); throws mpopt::error naming the field.
   void set_hparams(std::size_t g, const args_type& a) {
     check_group_index(g);
-    throw_if_error(with_group_prefix(Rule::validate(a), g));
+    throw_if_error(detail::with_group_prefix(Rule::validate(a), g));
     if (Rule::num_states(a) != groups_[g].num_states)
       throw error(status::invalid("group " + std::to_string(g) +
                                   ": changing the number of optimizer states (e.g. amsgrad or momentum on/off) "
@@ -110,7 +143,7 @@ class optimizer {
 
   const step_options& options() const noexcept { return options_; }
   void set_options(const step_options& o) {
-    throw_if_error(validate_options(o));
+    throw_if_error(detail::validate_step_options(o));
     options_ = o;
   }
 
@@ -215,33 +248,6 @@ class optimizer {
     }
     const master_t* master() const { return const_cast<group*>(this)->master(); }
   };
-
-  static status with_group_prefix(status s, std::size_t g) {
-    if (!s.ok()) s.message = "group " + std::to_string(g) + ": " + s.message;
-    return s;
-  }
-
-  static status validate_options(const step_options& o) {
-    if (!std::isfinite(o.max_grad_norm))
-      return status::invalid("step_options.max_grad_norm must be finite, got " + std::to_string(o.max_grad_norm));
-    return status::success();
-  }
-
-  static status validate_group(const group_type& spec, std::size_t g) {
-    const std::string where = "group " + std::to_string(g) + ": ";
-    if (spec.size > 0 && spec.params == nullptr)
-      return status::invalid(where + "params is null but size is " + std::to_string(spec.size));
-    if (spec.size > 0 && spec.grads == nullptr)
-      return status::invalid(where + "grads is null but size is " + std::to_string(spec.size));
-    if (!spec.tensor_sizes.empty()) {
-      std::size_t total = 0;
-      for (std::size_t s : spec.tensor_sizes) total += s;
-      if (total != spec.size)
-        return status::invalid(where + "tensor_sizes add up to " + std::to_string(total) + " but size is " +
-                               std::to_string(spec.size));
-    }
-    return with_group_prefix(Rule::validate(spec.hparams), g);
-  }
 
   void check_group_index(std::size_t g) const {
     if (g >= groups_.size())

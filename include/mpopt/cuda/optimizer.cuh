@@ -81,7 +81,7 @@ class optimizer {
                      cudaStream_t stream = nullptr)
       : scaler_args_(scaler), options_(options) {
     throw_if_error(Scaler::validate(scaler_args_));
-    throw_if_error(validate_options(options_));
+    throw_if_error(mpopt::detail::validate_step_options(options_));
     for (std::size_t g = 0; g < groups.size(); ++g) throw_if_error(validate_group(groups[g], g));
     throw_if_cuda_error(cudaGetDevice(&device_), "cudaGetDevice");
     for (std::size_t g = 0; g < groups.size(); ++g) throw_if_error(check_memory(groups[g], g, device_));
@@ -187,7 +187,7 @@ class optimizer {
   // stream use it, and a captured graph picks it up at its next replay. Throws mpopt::error.
   void set_hparams(std::size_t g, const args_type& a, cudaStream_t stream) {
     check_group_index(g);
-    throw_if_error(with_group_prefix(Rule::validate(a), g));
+    throw_if_error(mpopt::detail::with_group_prefix(Rule::validate(a), g));
     if (Rule::num_states(a) != groups_[g].num_states)
       throw error(status::invalid("group " + std::to_string(g) +
                                   ": changing the number of optimizer states (e.g. amsgrad or momentum on/off) "
@@ -200,7 +200,7 @@ class optimizer {
   const step_options& options() const noexcept { return options_; }
   // As set_hparams: validated, then written on `stream`.
   void set_options(const step_options& o, cudaStream_t stream) {
-    throw_if_error(validate_options(o));
+    throw_if_error(mpopt::detail::validate_step_options(o));
     store_value_kernel<device_options><<<1, 1, 0, stream>>>(options_d_.get(), to_device(o));
     throw_if_cuda_error(cudaGetLastError(), "set_options: launch of the store kernel");
     options_ = o;
@@ -279,17 +279,6 @@ class optimizer {
     std::uint32_t ratio_grid = 0;
   };
 
-  static status with_group_prefix(status s, std::size_t g) {
-    if (!s.ok()) s.message = "group " + std::to_string(g) + ": " + s.message;
-    return s;
-  }
-
-  static status validate_options(const step_options& o) {
-    if (!std::isfinite(o.max_grad_norm))
-      return status::invalid("step_options.max_grad_norm must be finite, got " + std::to_string(o.max_grad_norm));
-    return status::success();
-  }
-
   static std::string pointer_text(const void* p) {
     std::ostringstream os;
     os << p;
@@ -306,20 +295,9 @@ class optimizer {
 
   // The host optimizer's checks, in its order and with its messages, then the alignment of params and grads.
   static status validate_group(const group_type& spec, std::size_t g) {
-    const std::string where = "group " + std::to_string(g) + ": ";
-    if (spec.size > 0 && spec.params == nullptr)
-      return status::invalid(where + "params is null but size is " + std::to_string(spec.size));
-    if (spec.size > 0 && spec.grads == nullptr)
-      return status::invalid(where + "grads is null but size is " + std::to_string(spec.size));
-    if (!spec.tensor_sizes.empty()) {
-      std::size_t total = 0;
-      for (std::size_t s : spec.tensor_sizes) total += s;
-      if (total != spec.size)
-        return status::invalid(where + "tensor_sizes add up to " + std::to_string(total) + " but size is " +
-                               std::to_string(spec.size));
-    }
-    status s = with_group_prefix(Rule::validate(spec.hparams), g);
+    status s = mpopt::detail::validate_group(spec, g);
     if (!s.ok()) return s;
+    const std::string where = "group " + std::to_string(g) + ": ";
     const int ns = Rule::num_states(spec.hparams);
     if (ns < counts::min || ns > counts::max)
       return status{errc::unsupported, where + Rule::name + " with " + std::to_string(ns) +
