@@ -18,10 +18,10 @@ MPOPT_HOST_DEVICE MPOPT_FORCEINLINE std::uint16_t float_to_bf16_rn(float f) {
   return __bfloat16_as_ushort(__float2bfloat16_rn(f));
 #else
   // The general narrow_bits, specialised: bf16 keeps float's exponent, so nearest-even is one add on the bits
-  // (carries reach the exponent and inf as they should). Branch-free apart from NaN, so host loops vectorise.
+  // (carries reach the exponent and inf as they should). Branch-free, so host loops vectorise.
   const std::uint32_t u = bit_cast<std::uint32_t>(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_format::canonical_nan_bits;
-  return std::uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  const std::uint16_t rounded = std::uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  return (u & 0x7fffffffu) > 0x7f800000u ? bf16_format::canonical_nan_bits : rounded;  // a select, not a branch
 #endif
 }
 
