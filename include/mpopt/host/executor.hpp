@@ -96,11 +96,12 @@ MPOPT_FORCEINLINE void store_states(const typename Prec::compute_t (&s)[MS], con
 }
 
 // Writes the new master (rounded once) and the param copy (the rounded master, rounded to the param type).
-template <class Prec, class View>
-MPOPT_FORCEINLINE void store_weight(const View& v, std::size_t i, typename Prec::compute_t w) {
+template <class Prec>
+MPOPT_FORCEINLINE void store_weight(typename Prec::master_t* master, typename Prec::param_t* param, std::size_t i,
+                                    typename Prec::compute_t w) {
   const typename Prec::master_t m = convert<typename Prec::master_t>(w);
-  v.master[i] = m;
-  if constexpr (Prec::separate_master) v.param[i] = convert<typename Prec::param_t>(m);
+  master[i] = m;
+  if constexpr (Prec::separate_master) param[i] = convert<typename Prec::param_t>(m);
 }
 
 // Elementwise rules, with the state count fixed at compile time so the loop vectorises. The buffer pointers are
@@ -131,9 +132,7 @@ void elementwise_range(const View& v, const Coeffs& k, C grad_factor, std::size_
     if constexpr (NS > 0) st0[i] = convert<state_t>(s[0]);
     if constexpr (NS > 1) st1[i] = convert<state_t>(s[1]);
     if constexpr (NS > 2) st2[i] = convert<state_t>(s[2]);
-    const typename Prec::master_t m = convert<typename Prec::master_t>(w);
-    master[i] = m;
-    if constexpr (Prec::separate_master) param[i] = convert<typename Prec::param_t>(m);
+    store_weight<Prec>(master, param, i, w);
   }
 }
 
@@ -216,7 +215,7 @@ void update_per_tensor(const group_view<Prec, Rule::max_states>& v,
       detail::load_states<Prec, NS>(s, v.states, std::size_t(i));
       C w = convert<C>(v.master[i]);
       Rule::apply_direction(k, w, Rule::direction(k, w, s), ratio);
-      detail::store_weight<Prec>(v, std::size_t(i), w);
+      detail::store_weight<Prec>(v.master, v.param, std::size_t(i), w);
     }
   }
 }
