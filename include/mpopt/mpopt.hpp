@@ -1,6 +1,7 @@
-// mpopt umbrella header: everything host-side.
+// mpopt umbrella header: everything host-side (comm/mpi.hpp, which needs <mpi.h>, is included separately).
 #pragma once
 
+#include "comm/communicator.hpp"
 #include "config.hpp"
 #include "error.hpp"
 #include "numeric.hpp"
@@ -11,3 +12,4 @@
 #include "scaler/loss_scaler.hpp"
 #include "scaler/scalers.hpp"
 #include "scaler/unscale_clip.hpp"
+#include "zero/partition.hpp"

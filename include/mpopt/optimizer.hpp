@@ -1,23 +1,29 @@
-// mpopt::optimizer: rule x precision x scaler on the host backend. One step() does the whole
-// mixed-precision step: grad statistics, overflow skip, scale update, unscale + clip, the update,
-// and the write-back of the low-precision param copy.
+// mpopt::optimizer: rule x precision x scaler on the host backend, optionally sharded with ZeRO. One step() does
+// the whole mixed-precision step: grad reduction across ranks, grad statistics, overflow skip, scale update,
+// unscale + clip, the update, the write-back of the low-precision param copy and the param all-gather.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "comm/communicator.hpp"
 #include "error.hpp"
 #include "host/aligned_buffer.hpp"
 #include "host/executor.hpp"
 #include "numeric/convert.hpp"
+#include "numeric/traits.hpp"
 #include "policy/precision.hpp"
 #include "scaler/scalers.hpp"
 #include "scaler/unscale_clip.hpp"
+#include "zero/partition.hpp"
 
 namespace mpopt {
 
@@ -79,11 +85,11 @@ inline status validate_step_options(const step_options& o) {
 
 // The checks every backend makes of a group, with the messages the tests pin.
 template <class Rule, class Prec>
-status validate_group(const param_group<Rule, Prec>& spec, std::size_t g) {
+status validate_group(const param_group<Rule, Prec>& spec, std::size_t g, bool grads_required = true) {
   const std::string where = "group " + std::to_string(g) + ": ";
   if (spec.size > 0 && spec.params == nullptr)
     return status::invalid(where + "params is null but size is " + std::to_string(spec.size));
-  if (spec.size > 0 && spec.grads == nullptr)
+  if (grads_required && spec.size > 0 && spec.grads == nullptr)
     return status::invalid(where + "grads is null but size is " + std::to_string(spec.size));
   if (!spec.tensor_sizes.empty()) {
     std::size_t total = 0;
@@ -97,6 +103,99 @@ status validate_group(const param_group<Rule, Prec>& spec, std::size_t g) {
 
 }  // namespace detail
 
+// ZeRO: how the optimizer shards its work across the ranks of a communicator (comm/communicator.hpp).
+//   stage 0  every rank holds everything; step() all-reduces the grads (mean) and every rank updates all of it.
+//   stage 1  master weights and states are sharded (zero/partition.hpp); step() reduce-scatters the caller's full
+//            grads, each rank updates its shard, and the updated params are all-gathered into every rank's params.
+//   stage 2  as 1, and grads are sharded: reduce_grads() reduce-scatters (and accumulates) a range of tensors as
+//            soon as its grads exist, after which the caller may drop them; step() reduces param_group::grads only
+//            when reduce_grads() was not called since the last step.
+//   stage 3  as 2, and params are sharded: the optimizer keeps each rank's shard; gather() materialises the full
+//            params of a range of tensors (forward, backward) and release() frees them, with at most
+//            max_live_elements gathered at once. param_group::params only supplies the initial values.
+// In every stage the grad statistics (norm, non-finite flag) are global, so all ranks clip and skip alike. Grads
+// are averaged over ranks. The reduction travels in fp32 for 16-bit grads and fp64 for fp32 and fp64 grads, so the
+// mean of W equal 16-bit or fp32 grads is the grad itself, the norm's block partials are added in one order
+// everywhere (zero/partition.hpp), and a sharded run reproduces the single-rank one bit for bit (fp64 grads: to an
+// ulp of the mean where W is not a power of two).
+struct zero_options {
+  int stage = 0;
+  // Largest piece reduced or gathered in one collective; bounds the reduction workspace (2 buffers this long).
+  std::size_t bucket_elements = std::size_t(1) << 24;
+  // Stage 3: bound on the param elements gathered and not yet released (DeepSpeed's stage3_max_live_parameters).
+  std::size_t max_live_elements = 1000000000;
+};
+
+// Bytes this rank holds, by role (ZeRO paper, section 3: (2 + 2 + K)·Ψ for fp16 params and grads, with K = 12 for
+// an fp32 master and two fp32 Adam states, divided by W for what a stage shards).
+struct memory_report {
+  std::size_t params = 0;     // the model's param copy: the caller's buffer (stages 0-2) or the shard (stage 3)
+  std::size_t grads = 0;      // grads kept until step(): the caller's full buffer (0-1) or the reduced shard (2-3)
+  std::size_t master = 0;     // master weights (0 when the param buffer is the master)
+  std::size_t states = 0;     // optimizer states
+  std::size_t workspace = 0;  // reduction buffers and stage 1's reduced shard; stage 3's gathered params
+  std::size_t total() const noexcept { return params + grads + master + states + workspace; }
+};
+
+namespace detail {
+
+inline status validate_zero_options(const zero_options& z) {
+  if (z.stage < 0 || z.stage > 3)
+    return status::invalid("zero_options.stage must be 0, 1, 2 or 3, got " + std::to_string(z.stage));
+  if (z.bucket_elements == 0) return status::invalid("zero_options.bucket_elements must be > 0, got 0");
+  return status::success();
+}
+
+// The part of step() every backend shares, between the grad statistics and the update: overflow and skip, the
+// scaler's state machine, and the combined unscale + clip factor. Advances `state` unless error_at_min fires.
+struct step_plan {
+  step_result result;
+  grad_factor factor{};
+};
+
+template <class Scaler>
+step_plan plan_step(typename Scaler::state_type& state, const typename Scaler::args& sargs, const step_options& opt,
+                    bool need_stats, double sum_sq, bool nonfinite, std::int64_t step) {
+  step_plan p;
+  step_result& r = p.result;
+  r.loss_scale = double(Scaler::scale(state, sargs));
+  r.step = step;
+  const bool overflow = Scaler::skips_on_overflow(sargs) && nonfinite;
+  typename Scaler::state_type next = state;
+  r.event = Scaler::update(next, sargs, overflow);
+  if (r.event == scale_event::error_at_min) {
+    r.reason = skip_reason::scale_at_minimum;
+    r.error = status{errc::scale_at_minimum,
+                     "loss scale " + std::to_string(r.loss_scale) +
+                         " is already at its minimum and the gradients overflowed again (error_at_min is on)"};
+    r.next_loss_scale = r.loss_scale;
+    r.grad_norm = std::sqrt(sum_sq) / r.loss_scale;
+    return p;  // nothing changed, the scaler state included
+  }
+  state = next;
+  r.next_loss_scale = double(Scaler::scale(state, sargs));
+  if (overflow) {
+    r.reason = skip_reason::nonfinite_grads;
+    r.grad_norm = std::sqrt(sum_sq) / r.loss_scale;
+    return p;
+  }
+  const double unscale_by = opt.deepspeed_scale_order ? r.next_loss_scale : r.loss_scale;
+  p.factor = need_stats ? combined_grad_factor(sum_sq, float(unscale_by), float(opt.max_grad_norm))
+                        : grad_factor{float(1.0 / unscale_by), 0.0f, 1.0f};
+  r.grad_norm = need_stats ? std::sqrt(sum_sq) / r.loss_scale : std::nan("");
+  r.clip_coef = p.factor.clip_coef;
+  r.applied = true;
+  r.step = step + 1;
+  return p;
+}
+
+// The type grads travel in when reduced across ranks: wide enough that W equal grads sum exactly.
+template <class G>
+using reduce_t = std::conditional_t<is_16bit_v<G>, float, double>;
+
+}  // namespace detail
+
+// The host optimizer: rule x precision x scaler, optionally sharded with ZeRO over a host-memory communicator.
 template <class Rule, class Prec, class Scaler = no_scaler>
 class optimizer {
   static_assert(is_precision<Prec>::value,
@@ -117,15 +216,39 @@ class optimizer {
   using compute_t = typename Prec::compute_t;
   using group_type = param_group<Rule, Prec>;
 
-  // Throws mpopt::error naming the group and field when a buffer or hyper-parameter is invalid.
+  // One rank, no sharding. Throws mpopt::error naming the group and field when a buffer or hyper-parameter is
+  // invalid.
   explicit optimizer(std::vector<group_type> groups, scaler_args scaler = {}, step_options options = {})
-      : scaler_args_(scaler), options_(options) {
+      : optimizer(std::move(groups), own_single_rank(), zero_options{}, scaler, options) {}
+
+  // ZeRO over `comm` (host memory; it must outlive the optimizer). Collective: every rank constructs with the same
+  // group layout (checked: a mismatch throws on every rank) and its own buffers.
+  optimizer(std::vector<group_type> groups, comm::communicator& comm, zero_options zero, scaler_args scaler = {},
+            step_options options = {})
+      : comm_(&comm), zero_(zero), scaler_args_(scaler), options_(options) {
+    if (comm.memory() != comm::memory_space::host)
+      throw error(status::invalid("the host optimizer needs a host-memory communicator (mpi or single-rank), got " +
+                                  comm.name()));
     throw_if_error(Scaler::validate(scaler_args_));
     throw_if_error(detail::validate_step_options(options_));
-    for (std::size_t g = 0; g < groups.size(); ++g) throw_if_error(detail::validate_group(groups[g], g));
+    throw_if_error(detail::validate_zero_options(zero_));
+    for (std::size_t g = 0; g < groups.size(); ++g)
+      throw_if_error(detail::validate_group(groups[g], g, /*grads_required=*/zero_.stage < 2));
+    rank_ = comm.rank();
+    world_ = comm.size();
+    check_same_layout(groups);
     scaler_state_ = Scaler::init(scaler_args_);
     groups_.reserve(groups.size());
-    for (auto& spec : groups) groups_.push_back(make_group(std::move(spec)));
+    std::size_t largest = 0;
+    for (auto& spec : groups) {
+      largest = std::max(largest, spec.size);
+      groups_.push_back(make_group(std::move(spec)));
+    }
+    if (world_ > 1 || zero_.stage >= 2) {
+      const std::size_t n = std::min(largest, zero_.bucket_elements);
+      send_ = host::aligned_buffer<reduce_type>(n);
+      recv_ = host::aligned_buffer<reduce_type>(n);
+    }
   }
 
   std::size_t num_groups() const noexcept { return groups_.size(); }
@@ -146,116 +269,250 @@ class optimizer {
     throw_if_error(detail::validate_step_options(o));
     options_ = o;
   }
+  const zero_options& zero() const noexcept { return zero_; }
+  comm::communicator& communicator() const noexcept { return *comm_; }
 
   std::int64_t step_count() const noexcept { return step_; }
   double loss_scale() const { return double(Scaler::scale(scaler_state_, scaler_args_)); }
   const scaler_state_type& scaler_state() const noexcept { return scaler_state_; }
   void set_scaler_state(const scaler_state_type& s) { scaler_state_ = s; }
 
-  // The master weights of group g (the param buffer itself when the policy has no separate master).
+  // The elements of group g this rank updates and whose master and states it holds: the whole group at stage 0,
+  // the rank's shard otherwise. master(g) and state(g, j) point at element local_range(g).begin.
+  zero::range local_range(std::size_t g) const { return groups_.at(g).local; }
+  const zero::partition& layout(std::size_t g) const { return groups_.at(g).part; }
   const master_t* master(std::size_t g) const { return groups_.at(g).master(); }
   const state_t* state(std::size_t g, int j) const {
-    check_group_index(g);
-    if (j < 0 || j >= groups_[g].num_states)
-      throw error(status::invalid("state index " + std::to_string(j) + " out of range for group " + std::to_string(g) +
-                                  " (" + std::to_string(groups_[g].num_states) + " states)"));
+    check_state_index(g, j);
     return groups_[g].states[std::size_t(j)].data();
   }
   int num_states(std::size_t g) const { return groups_.at(g).num_states; }
 
-  // Sets the master weights of group g from `values` (rounded once to the master type) and rewrites the
-  // param copy from them. For callers whose reference weights are wider than the param type.
+  // Full copies of group g's master weights, state j and params in `out` (group size elements). Collective.
+  void gather_master(std::size_t g, master_t* out) { gather_full(g, master(g), out); }
+  void gather_state(std::size_t g, int j, state_t* out) { gather_full(g, state(g, j), out); }
+  void gather_params(std::size_t g, param_t* out) {
+    check_group_index(g);
+    group& grp = groups_[g];
+    if (zero_.stage < 3) {
+      std::copy(grp.spec.params, grp.spec.params + grp.spec.size, out);
+    } else {
+      gather_full(g, grp.param_shard.data(), out);
+    }
+  }
+
+  // Sets the master weights of group g from `values` (all group elements, the same on every rank; rounded once to
+  // the master type) and rewrites the param copy from them. For callers whose reference weights are wider than the
+  // param type.
   template <class T>
   void set_master(std::size_t g, const T* values, std::size_t n) {
     check_group_index(g);
-    auto& grp = groups_[g];
+    group& grp = groups_[g];
     if (n != grp.spec.size)
       throw error(status::invalid("set_master: group " + std::to_string(g) + " has " + std::to_string(grp.spec.size) +
                                   " elements, got " + std::to_string(n)));
     master_t* m = grp.master();
-    for (std::size_t i = 0; i < n; ++i) {
-      m[i] = convert<master_t>(values[i]);
-      if constexpr (Prec::separate_master) grp.spec.params[i] = convert<param_t>(m[i]);
+    param_t* p = grp.local_params();
+    for (std::size_t i = grp.local.begin; i < grp.local.end; ++i) {
+      const master_t v = convert<master_t>(values[i]);
+      m[i - grp.local.begin] = v;
+      if constexpr (Prec::separate_master) p[i - grp.local.begin] = convert<param_t>(v);
+    }
+    if (zero_.stage < 3) {  // the rest of the caller's param copy, which other ranks own
+      for (std::size_t i = 0; i < n; ++i)
+        if (i < grp.local.begin || i >= grp.local.end)
+          grp.spec.params[i] = convert<param_t>(convert<master_t>(values[i]));
     }
   }
 
+  // Stages 2 and 3: reduces (mean over ranks) the grads of tensors [first, last) of group g, `grads` holding their
+  // elements contiguously, and adds them to this rank's shard of the group's grads. Collective; afterwards the
+  // caller may reuse `grads`. step() consumes what was reduced.
+  void reduce_grads(std::size_t g, std::size_t first, std::size_t last, const grad_t* grads) {
+    if (zero_.stage < 2)
+      throw error(status::invalid("reduce_grads: ZeRO stage " + std::to_string(zero_.stage) +
+                                  " reduces param_group::grads in step(); reduce_grads is for stages 2 and 3"));
+    const zero::range r = tensor_range(g, first, last, "reduce_grads");
+    if (!r.empty() && grads == nullptr) throw error(status::invalid("reduce_grads: grads is null"));
+    group& grp = groups_[g];
+    reduce_range(grp, r, grads, /*accumulate=*/true);
+    grp.has_reduced = true;
+  }
+
+  // Stage 3: the full params of tensors [first, last) of group g, contiguous; valid until the matching release().
+  // Collective. Gathering a range already gathered returns the same buffer and counts one more use.
+  const param_t* gather(std::size_t g, std::size_t first, std::size_t last) {
+    if (zero_.stage != 3)
+      throw error(status::invalid("gather: params are sharded only at ZeRO stage 3, this optimizer is at stage " +
+                                  std::to_string(zero_.stage)));
+    const zero::range r = tensor_range(g, first, last, "gather");
+    const auto key = std::make_tuple(g, first, last);
+    auto it = live_.find(key);
+    if (it != live_.end()) {
+      ++it->second.uses;
+      return it->second.data.data();
+    }
+    if (live_elements_ + r.size() > zero_.max_live_elements)
+      throw error(status::invalid("gather: group " + std::to_string(g) + " tensors [" + std::to_string(first) + ", " +
+                                  std::to_string(last) + ") need " + std::to_string(r.size()) + " elements but " +
+                                  std::to_string(live_elements_) + " of zero_options.max_live_elements = " +
+                                  std::to_string(zero_.max_live_elements) + " are gathered; release some first"));
+    group& grp = groups_[g];
+    live_gather entry{host::aligned_buffer<param_t>(r.size()), 1};
+    const zero::range mine = zero::intersect(r, grp.local);
+    if (!mine.empty())
+      std::copy(grp.param_shard.data() + (mine.begin - grp.local.begin),
+                grp.param_shard.data() + (mine.end - grp.local.begin), entry.data.data() + (mine.begin - r.begin));
+    all_gather_range(grp, r, entry.data.data());
+    live_elements_ += r.size();
+    return live_.emplace(key, std::move(entry)).first->second.data.data();
+  }
+
+  void release(std::size_t g, std::size_t first, std::size_t last) {
+    auto it = live_.find(std::make_tuple(g, first, last));
+    if (it == live_.end())
+      throw error(status::invalid("release: group " + std::to_string(g) + " tensors [" + std::to_string(first) + ", " +
+                                  std::to_string(last) + ") are not gathered"));
+    if (--it->second.uses > 0) return;
+    live_elements_ -= it->second.data.size();
+    live_.erase(it);
+  }
+  std::size_t live_elements() const noexcept { return live_elements_; }
+
+  memory_report memory() const {
+    memory_report m;
+    for (const group& grp : groups_) {
+      const std::size_t held = grp.held;
+      m.params += (zero_.stage == 3 ? grp.part.shard : grp.spec.size) * sizeof(param_t);
+      if (zero_.stage >= 2) {
+        m.grads += grp.reduced.size() * sizeof(grad_t);
+      } else {
+        m.grads += grp.spec.size * sizeof(grad_t);
+        m.workspace += grp.reduced.size() * sizeof(grad_t);
+      }
+      m.master += grp.master_copy.size() * sizeof(master_t);
+      m.states += std::size_t(grp.num_states) * held * sizeof(state_t);
+    }
+    m.workspace += (send_.size() + recv_.size()) * sizeof(reduce_type) + live_elements_ * sizeof(param_t);
+    return m;
+  }
+
   step_result step() {
-    step_result r;
-    r.loss_scale = double(Scaler::scale(scaler_state_, scaler_args_));
-    const bool check = Scaler::skips_on_overflow(scaler_args_);
-    const bool need_stats = check || options_.max_grad_norm > 0;
-    host::grad_stats stats;
+    const bool need_stats = Scaler::skips_on_overflow(scaler_args_) || options_.max_grad_norm > 0;
+    std::vector<const grad_t*> grads(groups_.size());
+    for (std::size_t g = 0; g < groups_.size(); ++g) grads[g] = reduced_grads(g);
+
+    double sum_sq = 0.0;
+    bool nonfinite = false;
     if (need_stats) {
-      for (auto& grp : groups_) {
-        const host::grad_stats s = host::reduce_grad_stats(grp.spec.grads, grp.spec.size);
-        stats.sum_sq += s.sum_sq;
-        stats.nonfinite = stats.nonfinite || s.nonfinite;
+      for (std::size_t g = 0; g < groups_.size(); ++g) {
+        const double s = group_sum_sq(groups_[g], grads[g]);
+        sum_sq += s;
+        nonfinite = nonfinite || !std::isfinite(s);
       }
     }
-    const bool overflow = check && stats.nonfinite;
-
-    scaler_state_type next = scaler_state_;
-    r.event = Scaler::update(next, scaler_args_, overflow);
-    if (r.event == scale_event::error_at_min) {
-      r.reason = skip_reason::scale_at_minimum;
-      r.error = status{errc::scale_at_minimum,
-                       "loss scale " + std::to_string(r.loss_scale) +
-                           " is already at its minimum and the gradients overflowed again (error_at_min is on)"};
-      r.next_loss_scale = r.loss_scale;
-      r.grad_norm = std::sqrt(stats.sum_sq) / r.loss_scale;
-      r.step = step_;
-      return r;  // nothing changed, the scaler state included
+    detail::step_plan plan =
+        detail::plan_step<Scaler>(scaler_state_, scaler_args_, options_, need_stats, sum_sq, nonfinite, step_);
+    if (plan.result.applied) {
+      ++step_;
+      for (std::size_t g = 0; g < groups_.size(); ++g)
+        update_group(groups_[g], grads[g], compute_t(plan.factor.factor));
+      for (group& grp : groups_) publish_params(grp);
     }
-    scaler_state_ = next;
-    r.next_loss_scale = double(Scaler::scale(scaler_state_, scaler_args_));
-    r.step = step_;
-    if (overflow) {
-      r.reason = skip_reason::nonfinite_grads;
-      r.grad_norm = std::sqrt(stats.sum_sq) / r.loss_scale;
-      return r;
-    }
-
-    const double unscale_by = options_.deepspeed_scale_order ? r.next_loss_scale : r.loss_scale;
-    const grad_factor f = need_stats
-                              ? combined_grad_factor(stats.sum_sq, float(unscale_by), float(options_.max_grad_norm))
-                              : grad_factor{float(1.0 / unscale_by), 0.0f, 1.0f};
-    r.grad_norm = need_stats ? std::sqrt(stats.sum_sq) / r.loss_scale : std::nan("");
-    r.clip_coef = f.clip_coef;
-
-    ++step_;
-    for (auto& grp : groups_) update_group(grp, compute_t(f.factor));
-    r.applied = true;
-    r.step = step_;
-    return r;
+    for (group& grp : groups_) consume_grads(grp);  // applied or skipped, this step's grads are spent
+    return plan.result;
   }
 
  private:
   using view_type = host::group_view<Prec, Rule::max_states>;
+  using reduce_type = detail::reduce_t<grad_t>;
 
   struct group {
     group_type spec;
-    std::vector<std::size_t> offsets;            // tensor boundaries, size tensors + 1
+    std::vector<std::size_t> offsets;  // tensor boundaries, size tensors + 1
+    zero::partition part;
+    zero::range local;                           // the elements this rank updates
+    std::size_t held = 0;                        // elements of master and states held (the shard, padding included)
     host::aligned_buffer<master_t> master_copy;  // empty when the param buffer is the master
+    host::aligned_buffer<param_t> param_shard;   // stage 3: this rank's params
+    host::aligned_buffer<grad_t> reduced;        // the reduced grads of `local` (none at world size 1, stages 0-1)
+    bool has_reduced = false;                    // stages 2-3: reduce_grads() since the last step
     std::vector<host::aligned_buffer<state_t>> states;
     int num_states = 0;
+    std::vector<zero::segment> all_segments;  // per-tensor rules: the group's grid segments
+    std::vector<std::size_t> segment_counts;  // per rank: how many of them it owns
+    std::vector<std::size_t> block_counts;    // per rank: grad-statistics blocks it owns
 
+    param_t* local_params() { return param_shard.size() > 0 ? param_shard.data() : spec.params + local.begin; }
     master_t* master() {
       if constexpr (Prec::separate_master) {
         return master_copy.data();
       } else {
-        return spec.params;
+        return local_params();
       }
     }
     const master_t* master() const { return const_cast<group*>(this)->master(); }
   };
+
+  struct live_gather {
+    host::aligned_buffer<param_t> data;
+    int uses = 0;
+  };
+
+  static comm::communicator& own_single_rank() {
+    static comm::single_rank one;  // stateless apart from its traffic counters, which stay zero
+    return one;
+  }
+
+  bool sharded() const noexcept { return zero_.stage >= 1 && world_ > 1; }
 
   void check_group_index(std::size_t g) const {
     if (g >= groups_.size())
       throw error(status::invalid("group index " + std::to_string(g) + " out of range (" +
                                   std::to_string(groups_.size()) + " groups)"));
   }
+  void check_state_index(std::size_t g, int j) const {
+    check_group_index(g);
+    if (j < 0 || j >= groups_[g].num_states)
+      throw error(status::invalid("state index " + std::to_string(j) + " out of range for group " + std::to_string(g) +
+                                  " (" + std::to_string(groups_[g].num_states) + " states)"));
+  }
 
-  static group make_group(group_type spec) {
+  zero::range tensor_range(std::size_t g, std::size_t first, std::size_t last, const char* what) const {
+    check_group_index(g);
+    const std::size_t tensors = groups_[g].offsets.size() - 1;
+    if (first > last || last > tensors)
+      throw error(status::invalid(std::string(what) + ": tensors [" + std::to_string(first) + ", " +
+                                  std::to_string(last) + ") out of range for group " + std::to_string(g) + " (" +
+                                  std::to_string(tensors) + " tensors)"));
+    return {groups_[g].offsets[first], groups_[g].offsets[last]};
+  }
+
+  // Every rank must shard the same groups the same way; a mismatch would hang or corrupt the collectives.
+  void check_same_layout(const std::vector<group_type>& groups) {
+    if (world_ == 1) return;
+    std::uint64_t h = 1469598103934665603ull;  // FNV-1a over the layout
+    auto mix = [&h](std::uint64_t v) {
+      for (int b = 0; b < 8; ++b) h = (h ^ ((v >> (8 * b)) & 0xff)) * 1099511628211ull;
+    };
+    mix(std::uint64_t(zero_.stage));
+    mix(groups.size());
+    for (const auto& spec : groups) {
+      mix(spec.size);
+      mix(spec.tensor_sizes.size());
+      for (std::size_t s : spec.tensor_sizes) mix(s);
+      mix(std::uint64_t(Rule::num_states(spec.hparams)));
+    }
+    // max and -min of both 32-bit halves in one all-reduce: they agree iff every rank has the same hash.
+    double v[4] = {double(h >> 32), double(h & 0xffffffffu), -double(h >> 32), -double(h & 0xffffffffu)};
+    comm_->all_reduce(v, 4, comm::reduce_op::max);
+    if (v[0] != -v[2] || v[1] != -v[3])
+      throw error(
+          status::invalid("ZeRO: ranks disagree on the group layout (number of groups, sizes, tensor_sizes, "
+                          "optimizer states or zero_options.stage); every rank must construct the same"));
+  }
+
+  group make_group(group_type spec) {
     group grp;
     grp.offsets.push_back(0);
     if (spec.tensor_sizes.empty()) {
@@ -263,40 +520,169 @@ class optimizer {
     } else {
       for (std::size_t s : spec.tensor_sizes) grp.offsets.push_back(grp.offsets.back() + s);
     }
+    grp.part = zero::make_partition(spec.size, zero_.stage == 0 ? 1 : world_);
+    grp.local = zero_.stage == 0 ? zero::range{0, spec.size} : grp.part.owned(rank_);
+    grp.held = zero_.stage == 0 ? spec.size : grp.part.shard;
     grp.num_states = Rule::num_states(spec.hparams);
+    if (zero_.stage == 3) {
+      grp.param_shard = host::aligned_buffer<param_t>(grp.held);
+      std::copy(spec.params + grp.local.begin, spec.params + grp.local.end, grp.param_shard.data());
+    }
+    if (world_ > 1 || zero_.stage >= 2) grp.reduced = host::aligned_buffer<grad_t>(grp.held);
     if constexpr (Prec::separate_master) {
-      grp.master_copy = host::aligned_buffer<master_t>(spec.size);
-      for (std::size_t i = 0; i < spec.size; ++i) grp.master_copy[i] = convert<master_t>(spec.params[i]);
+      grp.master_copy = host::aligned_buffer<master_t>(grp.held);
+      for (std::size_t i = grp.local.begin; i < grp.local.end; ++i)
+        grp.master_copy[i - grp.local.begin] = convert<master_t>(spec.params[i]);
     }
     for (int j = 0; j < grp.num_states; ++j) {
-      grp.states.emplace_back(spec.size);
+      grp.states.emplace_back(grp.held);
       const state_t init = convert<state_t>(compute_t(Rule::initial_state(spec.hparams, j)));
-      for (std::size_t i = 0; i < spec.size; ++i) grp.states.back()[i] = init;
+      for (std::size_t i = 0; i < grp.local.size(); ++i) grp.states.back()[i] = init;
     }
+    const int ranks = zero_.stage == 0 ? 1 : world_;
+    for (int q = 0; q < ranks; ++q) {
+      const zero::range o = grp.part.owned(q);
+      grp.block_counts.push_back((o.size() + host::reduce_block - 1) / host::reduce_block);
+      if constexpr (Rule::per_tensor)
+        grp.segment_counts.push_back(zero::grid_segments(o, grp.offsets, host::reduce_block).size());
+    }
+    if constexpr (Rule::per_tensor)
+      grp.all_segments = zero::grid_segments(zero::range{0, spec.size}, grp.offsets, host::reduce_block);
+    if (zero_.stage == 3) spec.params = nullptr;  // only the initial values: the shard is the params from now on
     grp.spec = std::move(spec);
     return grp;
   }
 
-  void update_group(group& grp, compute_t factor) {
+  // Pieces of at most bucket_elements.
+  template <class F>
+  void for_each_bucket(zero::range r, F&& f) const {
+    for (std::size_t b = r.begin; b < r.end; b += zero_.bucket_elements)
+      f(zero::range{b, std::min(r.end, b + zero_.bucket_elements)});
+  }
+
+  // Reduces grads g[0, r.size()) (group elements r) over the ranks: each rank receives the mean of the elements of
+  // `local` and stores it in `reduced` (or adds it). Stage 0 then all-gathers the rounded means, so every replica
+  // holds the same bits (an all-reduce need not give every rank the same rounding).
+  void reduce_range(group& grp, zero::range r, const grad_t* g, bool accumulate) {
+    const zero::partition& part = zero_.stage == 0 ? zero::make_partition(grp.spec.size, world_) : grp.part;
+    for_each_bucket(r, [&](zero::range piece) {
+      for (std::size_t i = piece.begin; i < piece.end; ++i)
+        send_[i - piece.begin] = convert<reduce_type>(g[i - r.begin]);
+      comm_->reduce_scatter(send_.data(), recv_.data(), part.counts(piece), comm::reduce_op::sum);
+      const zero::range mine = zero::intersect(piece, part.owned(rank_));
+      grad_t* out = grp.reduced.data();  // element i of the group is out[i - local.begin]
+      const reduce_type world = reduce_type(world_);
+      for (std::size_t i = mine.begin; i < mine.end; ++i) {
+        const reduce_type mean = recv_[i - mine.begin] / world;
+        grad_t& o = out[i - grp.local.begin];
+        o = convert<grad_t>(accumulate ? convert<reduce_type>(o) + mean : mean);
+      }
+      if (zero_.stage == 0) comm_->all_gather(out + piece.begin, part.counts(piece));  // local.begin is 0
+    });
+  }
+
+  // The grads step() reads for group g's local range: the caller's own when nothing needs reducing.
+  const grad_t* reduced_grads(std::size_t g) {
+    group& grp = groups_[g];
+    if (zero_.stage >= 2) {
+      if (!grp.has_reduced) {
+        if (grp.spec.grads == nullptr && grp.spec.size > 0)
+          throw error(status::invalid("step: group " + std::to_string(g) +
+                                      " has no grads: call reduce_grads() or set param_group::grads"));
+        if (world_ == 1) return grp.spec.grads;
+        reduce_range(grp, zero::range{0, grp.spec.size}, grp.spec.grads, false);
+      }
+      return grp.reduced.data();
+    }
+    if (world_ == 1) return grp.spec.grads;
+    reduce_range(grp, zero::range{0, grp.spec.size}, grp.spec.grads, false);
+    return grp.reduced.data();
+  }
+
+  void consume_grads(group& grp) {
+    if (zero_.stage >= 2 && grp.has_reduced) std::fill(grp.reduced.data(), grp.reduced.data() + grp.held, grad_t{});
+    grp.has_reduced = false;
+  }
+
+  // The group's sum of squares, the same bits on every rank and world size: per-block partials, all-gathered when
+  // sharded, added in block order.
+  double group_sum_sq(const group& grp, const grad_t* g) {
+    std::vector<double> partial;
+    std::size_t offset = 0;
+    for (int q = 0; q < rank_ && sharded(); ++q) offset += grp.block_counts[std::size_t(q)];
+    std::size_t total = 0;
+    for (std::size_t c : grp.block_counts) total += c;
+    partial.resize(total);
+    host::reduce_grad_partials(g, grp.local.size(), partial.data() + offset);
+    if (sharded()) comm_->all_gather(partial.data(), grp.block_counts);
+    return host::sum_in_order(partial.data(), partial.size());
+  }
+
+  void update_group(group& grp, const grad_t* g, compute_t factor) {
     view_type v;
-    v.param = grp.spec.params;
+    v.param = grp.local_params();
     v.master = grp.master();
-    v.grad = grp.spec.grads;
-    v.n = grp.spec.size;
+    v.grad = g;
+    v.n = grp.local.size();
     for (int j = 0; j < grp.num_states; ++j) v.states[j] = grp.states[std::size_t(j)].data();
     const auto k = Rule::template prepare<compute_t>(grp.spec.hparams, step_);
     if constexpr (Rule::per_tensor) {
-      host::update_per_tensor<Rule, Prec>(v, k, grp.offsets, factor);
+      if (!sharded()) {
+        host::update_per_tensor<Rule, Prec>(v, k, grp.offsets, factor);
+        return;
+      }
+      // Each rank's segments are a run of the group's; their partials, all-gathered, add up as single-rank ones.
+      std::size_t first = 0;
+      for (int q = 0; q < rank_; ++q) first += grp.segment_counts[std::size_t(q)];
+      const std::vector<zero::segment> mine(
+          grp.all_segments.begin() + std::ptrdiff_t(first),
+          grp.all_segments.begin() + std::ptrdiff_t(first + grp.segment_counts[std::size_t(rank_)]));
+      std::vector<double> partial(2 * grp.all_segments.size());
+      host::per_tensor_partials<Rule, Prec>(v, k, mine, grp.local.begin, factor, partial.data() + 2 * first);
+      std::vector<std::size_t> counts(grp.segment_counts);
+      for (std::size_t& c : counts) c *= 2;
+      comm_->all_gather(partial.data(), counts);
+      host::per_tensor_apply<Rule, Prec>(
+          v, k, mine, grp.local.begin,
+          host::trust_ratios<Rule, compute_t>(k, grp.all_segments, partial.data(), grp.offsets.size() - 1));
     } else {
       host::update_elementwise<Rule, Prec>(v, k, grp.num_states, factor);
     }
   }
 
+  // Stages 1-2: every rank's updated shard into every rank's params.
+  void publish_params(group& grp) {
+    if (zero_.stage == 1 || zero_.stage == 2) {
+      if (world_ > 1) all_gather_range(grp, zero::range{0, grp.spec.size}, grp.spec.params);
+    }
+  }
+
+  // In place: buf holds group elements r, this rank's own already in place.
+  template <class T>
+  void all_gather_range(const group& grp, zero::range r, T* buf) {
+    for_each_bucket(
+        r, [&](zero::range piece) { comm_->all_gather(buf + (piece.begin - r.begin), grp.part.counts(piece)); });
+  }
+
+  // A full copy of a sharded per-element buffer (local range at `local`) into out[0, size).
+  template <class T>
+  void gather_full(std::size_t g, const T* local, T* out) {
+    group& grp = groups_.at(g);
+    std::copy(local, local + grp.local.size(), out + grp.local.begin);
+    if (sharded()) all_gather_range(grp, zero::range{0, grp.spec.size}, out);
+  }
+
+  comm::communicator* comm_;
+  int rank_ = 0, world_ = 1;
+  zero_options zero_;
   std::vector<group> groups_;
   scaler_args scaler_args_;
   scaler_state_type scaler_state_{};
   step_options options_;
   std::int64_t step_ = 0;
+  host::aligned_buffer<reduce_type> send_, recv_;  // reduction workspace, bucket_elements each at most
+  std::map<std::tuple<std::size_t, std::size_t, std::size_t>, live_gather> live_;
+  std::size_t live_elements_ = 0;
 };
 
 }  // namespace mpopt

@@ -118,8 +118,11 @@ std::string unsupported_policy_message(const optimizer_case& c) {
          ", grad: " + dtype_name(c.grad) + ", state: " + dtype_name(c.state) + "}: " + why;
 }
 
-nlohmann::json run_optimizer_case(const nlohmann::json& in) {
-  const optimizer_case c = parse(in);
+nlohmann::json run_optimizer_case(const nlohmann::json& in, const zero_run& zero) {
+  optimizer_case c = parse(in);
+  if (zero.stage < 0 || zero.stage > 3)
+    throw bad_input("--zero-stage: must be 0, 1, 2 or 3, got " + std::to_string(zero.stage));
+  c.zero = zero;
   if (c.optimizer == "adam" || c.optimizer == "adamw") return run_adam(c);
   if (c.optimizer == "sgd") return run_sgd(c);
   if (c.optimizer == "adagrad") return run_adagrad(c);

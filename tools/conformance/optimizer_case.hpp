@@ -24,6 +24,7 @@ struct optimizer_case {
   std::vector<std::vector<double>> grads;
   std::vector<std::size_t> tensor_sizes;  // optional; per-tensor rules (LAMB) use it
   double max_grad_norm = 0.0;             // optional
+  zero_run zero;                          // not from the case: how to run it
 };
 
 // Reads `j` as a number (not a bool), or throws bad_input naming `where`.
@@ -73,17 +74,24 @@ nlohmann::json run_case(const optimizer_case& c, const typename Rule::args& hp) 
   group.hparams = hp;
   step_options opts;
   opts.max_grad_norm = c.max_grad_norm;
-  opt_t opt({group}, {}, opts);
+  mpopt::zero_options z;
+  z.stage = c.zero.stage;
+  comm::single_rank one;
+  opt_t opt({group}, c.zero.comm != nullptr ? *c.zero.comm : one, z, {}, opts);
   opt.set_master(0, c.w0.data(), n);  // w0 rounded once to the master type, param copy from the master
 
   nlohmann::json traj = nlohmann::json::array(), master = nlohmann::json::array();
+  std::vector<param_t> p_full(n);
+  std::vector<typename Prec::master_t> m_full(n);
   for (const auto& step_grads : c.grads) {
     for (std::size_t i = 0; i < n; ++i) grads[i] = convert<grad_t>(step_grads[i]);
     opt.step();
+    opt.gather_params(0, p_full.data());
+    opt.gather_master(0, m_full.data());
     nlohmann::json p = nlohmann::json::array(), m = nlohmann::json::array();
     for (std::size_t i = 0; i < n; ++i) {
-      p.push_back(convert<double>(params[i]));
-      m.push_back(convert<double>(opt.master(0)[i]));
+      p.push_back(convert<double>(p_full[i]));
+      m.push_back(convert<double>(m_full[i]));
     }
     traj.push_back(std::move(p));
     master.push_back(std::move(m));

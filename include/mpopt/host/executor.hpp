@@ -11,12 +11,15 @@
 
 #include "../config.hpp"
 #include "../numeric/convert.hpp"
+#include "../zero/partition.hpp"
 
 namespace mpopt::host {
 
 // Reductions are summed per fixed block, then across blocks in order, so results do not depend on
 // the number of threads.
 inline constexpr std::size_t reduce_block = 4096;
+static_assert(reduce_block == zero::shard_alignment,
+              "ZeRO shards start on the reduction block grid: keep zero::shard_alignment == host::reduce_block");
 // Below this many elements a parallel region costs more than it saves.
 inline constexpr std::ptrdiff_t parallel_threshold = 1 << 15;
 
@@ -26,10 +29,12 @@ struct grad_stats {
   bool nonfinite = false;
 };
 
+// The per-block partial sums of squares of x[0, n) converted to float, one per reduce_block elements
+// (ceil(n / reduce_block) of them), written to `partial`; returns whether any element is non-finite. Blocks start at
+// x, so a caller whose x starts on the block grid of a larger buffer gets that buffer's blocks.
 template <class G>
-grad_stats reduce_grad_stats(const G* x, std::size_t n) {
+bool reduce_grad_partials(const G* x, std::size_t n, double* partial) {
   const std::ptrdiff_t blocks = std::ptrdiff_t((n + reduce_block - 1) / reduce_block);
-  std::vector<double> partial(std::size_t(blocks), 0.0);
   int nonfinite = 0;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(static) reduction(| : nonfinite) if (std::ptrdiff_t(n) > parallel_threshold)
@@ -56,12 +61,25 @@ grad_stats reduce_grad_stats(const G* x, std::size_t n) {
     }
     double s = 0.0;
     for (double a : acc) s += a;
-    partial[std::size_t(b)] = s;
+    partial[b] = s;
     nonfinite |= bad;
   }
+  return nonfinite != 0;
+}
+
+// The partials added in block order: the one summation order every backend and world size shares.
+inline double sum_in_order(const double* partial, std::size_t count) {
+  double s = 0.0;
+  for (std::size_t i = 0; i < count; ++i) s += partial[i];
+  return s;
+}
+
+template <class G>
+grad_stats reduce_grad_stats(const G* x, std::size_t n) {
+  std::vector<double> partial((n + reduce_block - 1) / reduce_block);
   grad_stats r;
-  for (double p : partial) r.sum_sq += p;
-  r.nonfinite = nonfinite != 0;
+  r.nonfinite = reduce_grad_partials(x, n, partial.data());
+  r.sum_sq = sum_in_order(partial.data(), partial.size());
   return r;
 }
 
@@ -166,58 +184,90 @@ void update_elementwise(const group_view<Prec, Rule::max_states>& v,
   }
 }
 
-// Rules with per-tensor trust ratios (LAMB). `tensor_offsets` has one entry per tensor plus the end.
-// Phase 1 advances and stores the states and sums |w|^2 and |u|^2 per tensor; phase 2 recomputes u
-// from the stored states and applies it with the tensor's ratio.
+// Rules with per-tensor trust ratios (LAMB), in two phases so that a sharded group can add the partial sums of
+// every rank between them. Segments (zero::grid_segments) are pieces of one tensor within one reduce_block; indices
+// are group indices and v[0] is group element `base`.
+// Phase 1 advances and stores the states and writes, per segment, |w|^2 and |u|^2 (u: the rule's direction from
+// the stored states) to partial[2s] and partial[2s + 1].
+template <class Rule, class Prec>
+void per_tensor_partials(const group_view<Prec, Rule::max_states>& v,
+                         const typename Rule::template coeffs<typename Prec::compute_t>& k,
+                         const std::vector<zero::segment>& segs, std::size_t base, typename Prec::compute_t grad_factor,
+                         double* partial) {
+  static_assert(Rule::per_tensor, "per_tensor_partials: this rule is elementwise; use update_elementwise");
+  using C = typename Prec::compute_t;
+  constexpr int NS = Rule::max_states;
+  const std::ptrdiff_t count = std::ptrdiff_t(segs.size());
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (std::ptrdiff_t(v.n) > parallel_threshold)
+#endif
+  for (std::ptrdiff_t s = 0; s < count; ++s) {
+    double ws = 0.0, us = 0.0;
+    for (std::size_t i = segs[std::size_t(s)].begin - base; i < segs[std::size_t(s)].end - base; ++i) {
+      C st[NS];
+      detail::load_states<Prec, NS>(st, v.states, i);
+      const C w = convert<C>(v.master[i]);
+      Rule::update_states(k, convert<C>(v.grad[i]) * grad_factor, st);
+      detail::store_states<Prec, NS>(st, v.states, i);
+      detail::load_states<Prec, NS>(st, v.states, i);  // the direction uses the stored (rounded) states
+      const C u = Rule::direction(k, w, st);
+      ws += double(w) * double(w);
+      us += double(u) * double(u);
+    }
+    partial[2 * s] = ws;
+    partial[2 * s + 1] = us;
+  }
+}
+
+// Phase 2: recomputes u from the stored states and applies it with its tensor's ratio (ratio[segment.tensor]).
+template <class Rule, class Prec>
+void per_tensor_apply(const group_view<Prec, Rule::max_states>& v,
+                      const typename Rule::template coeffs<typename Prec::compute_t>& k,
+                      const std::vector<zero::segment>& segs, std::size_t base,
+                      const std::vector<typename Prec::compute_t>& ratio) {
+  using C = typename Prec::compute_t;
+  constexpr int NS = Rule::max_states;
+  const std::ptrdiff_t count = std::ptrdiff_t(segs.size());
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (std::ptrdiff_t(v.n) > parallel_threshold)
+#endif
+  for (std::ptrdiff_t s = 0; s < count; ++s) {
+    const zero::segment& seg = segs[std::size_t(s)];
+    for (std::size_t i = seg.begin - base; i < seg.end - base; ++i) {
+      C st[NS];
+      detail::load_states<Prec, NS>(st, v.states, i);
+      C w = convert<C>(v.master[i]);
+      Rule::apply_direction(k, w, Rule::direction(k, w, st), ratio[seg.tensor]);
+      detail::store_weight<Prec>(v.master, v.param, i, w);
+    }
+  }
+}
+
+// Per tensor, the sums of its segments' partials in segment order, and the rule's trust ratio from them.
+template <class Rule, class C, class K>
+std::vector<C> trust_ratios(const K& k, const std::vector<zero::segment>& segs, const double* partial,
+                            std::size_t tensors) {
+  std::vector<double> w_sq(tensors, 0.0), u_sq(tensors, 0.0);
+  for (std::size_t s = 0; s < segs.size(); ++s) {
+    w_sq[segs[s].tensor] += partial[2 * s];
+    u_sq[segs[s].tensor] += partial[2 * s + 1];
+  }
+  std::vector<C> ratio(tensors);
+  for (std::size_t t = 0; t < tensors; ++t) ratio[t] = Rule::trust_ratio(k, std::sqrt(w_sq[t]), std::sqrt(u_sq[t]));
+  return ratio;
+}
+
+// The whole per-tensor update of one unsharded group. `tensor_offsets` has one entry per tensor plus the end.
 template <class Rule, class Prec>
 void update_per_tensor(const group_view<Prec, Rule::max_states>& v,
                        const typename Rule::template coeffs<typename Prec::compute_t>& k,
                        const std::vector<std::size_t>& tensor_offsets, typename Prec::compute_t grad_factor) {
-  static_assert(Rule::per_tensor, "update_per_tensor: this rule is elementwise; use update_elementwise");
-  using C = typename Prec::compute_t;
-  constexpr int NS = Rule::max_states;
+  const std::vector<zero::segment> segs = zero::grid_segments(zero::range{0, v.n}, tensor_offsets, reduce_block);
+  std::vector<double> partial(2 * segs.size());
+  per_tensor_partials<Rule, Prec>(v, k, segs, 0, grad_factor, partial.data());
   const std::size_t tensors = tensor_offsets.empty() ? 0 : tensor_offsets.size() - 1;
-  for (std::size_t t = 0; t < tensors; ++t) {
-    const std::size_t begin = tensor_offsets[t], end = tensor_offsets[t + 1];
-    const std::ptrdiff_t blocks = std::ptrdiff_t((end - begin + reduce_block - 1) / reduce_block);
-    std::vector<double> w_sq(std::size_t(blocks), 0.0), u_sq(std::size_t(blocks), 0.0);
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (std::ptrdiff_t(end - begin) > parallel_threshold)
-#endif
-    for (std::ptrdiff_t b = 0; b < blocks; ++b) {
-      const std::size_t lo = begin + std::size_t(b) * reduce_block, hi = std::min(end, lo + reduce_block);
-      double ws = 0.0, us = 0.0;
-      for (std::size_t i = lo; i < hi; ++i) {
-        C s[NS];
-        detail::load_states<Prec, NS>(s, v.states, i);
-        const C w = convert<C>(v.master[i]);
-        Rule::update_states(k, convert<C>(v.grad[i]) * grad_factor, s);
-        detail::store_states<Prec, NS>(s, v.states, i);
-        detail::load_states<Prec, NS>(s, v.states, i);  // the direction uses the stored (rounded) states
-        const C u = Rule::direction(k, w, s);
-        ws += double(w) * double(w);
-        us += double(u) * double(u);
-      }
-      w_sq[std::size_t(b)] = ws;
-      u_sq[std::size_t(b)] = us;
-    }
-    double w_norm = 0.0, u_norm = 0.0;
-    for (std::ptrdiff_t b = 0; b < blocks; ++b) {
-      w_norm += w_sq[std::size_t(b)];
-      u_norm += u_sq[std::size_t(b)];
-    }
-    const C ratio = Rule::trust_ratio(k, std::sqrt(w_norm), std::sqrt(u_norm));
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (std::ptrdiff_t(end - begin) > parallel_threshold)
-#endif
-    for (std::ptrdiff_t i = std::ptrdiff_t(begin); i < std::ptrdiff_t(end); ++i) {
-      C s[NS];
-      detail::load_states<Prec, NS>(s, v.states, std::size_t(i));
-      C w = convert<C>(v.master[i]);
-      Rule::apply_direction(k, w, Rule::direction(k, w, s), ratio);
-      detail::store_weight<Prec>(v.master, v.param, std::size_t(i), w);
-    }
-  }
+  per_tensor_apply<Rule, Prec>(v, k, segs, 0,
+                               trust_ratios<Rule, typename Prec::compute_t>(k, segs, partial.data(), tensors));
 }
 
 }  // namespace mpopt::host
