@@ -121,7 +121,9 @@ status validate_group(const param_group<Rule, Prec>& spec, std::size_t g, bool g
 struct zero_options {
   int stage = 0;
   // Largest piece reduced or gathered in one collective; bounds the reduction workspace (2 buffers this long).
-  std::size_t bucket_elements = std::size_t(1) << 24;
+  // 1 M: OpenMPI's shared-memory reduce-scatter slows down sharply past a few MB (on the CI machine, 4 M doubles
+  // took 164 ms in one call and 22 ms in four; bench/RESULTS.md).
+  std::size_t bucket_elements = std::size_t(1) << 20;
   // Stage 3: bound on the param elements gathered and not yet released (DeepSpeed's stage3_max_live_parameters).
   std::size_t max_live_elements = 1000000000;
 };
