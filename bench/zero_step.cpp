@@ -6,12 +6,6 @@
 //   mpirun -np 2 build/bench/mpopt_bench_zero
 #include <benchmark/benchmark.h>
 
-// The C API only: OpenMPI's deprecated C++ bindings do not compile cleanly with -Wextra -Werror.
-#ifndef OMPI_SKIP_MPICXX
-#define OMPI_SKIP_MPICXX 1
-#endif
-#include <mpi.h>
-
 #include <vector>
 
 #include "mpopt/comm/mpi.hpp"

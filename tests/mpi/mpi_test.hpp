@@ -2,14 +2,7 @@
 #pragma once
 
 #include <doctest/doctest.h>
-// The C API only: OpenMPI's deprecated C++ bindings do not compile cleanly with -Wextra -Werror.
-#ifndef OMPI_SKIP_MPICXX
-#define OMPI_SKIP_MPICXX 1
-#endif
-#ifndef MPICH_SKIP_MPICXX
-#define MPICH_SKIP_MPICXX 1
-#endif
-#include <mpi.h>
+#include "mpopt/comm/mpi.hpp"  // <mpi.h>, C API only
 
 #include <string>
 

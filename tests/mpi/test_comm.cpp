@@ -3,7 +3,6 @@
 // NaN payloads included), the refusals (16-bit reductions, counts of the wrong length), the traffic counters, and
 // the single-rank communicator. Every rank makes every collective call even when a check fails (CHECK, never
 // REQUIRE, before a collective), so a failure reports instead of hanging.
-#include <mpi.h>
 
 #include <chrono>
 #include <cstddef>

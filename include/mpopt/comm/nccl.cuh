@@ -67,12 +67,7 @@ class nccl final : public communicator {
   // `recv` is disjoint from `send`, or is send at this rank's offset (in place).
   void reduce_scatter(const void* send, void* recv, const std::size_t* counts, dtype t, reduce_op op) override {
     count_spread(counts, t);
-    std::size_t total = 0;
-    bool equal = true;
-    for (int r = 0; r < size_; ++r) {
-      total += counts[r];
-      equal = equal && counts[r] == counts[0];
-    }
+    const auto [total, equal] = summarize(counts);
     if (total == 0) return;
     if (equal) {
       check(ncclReduceScatter(send, recv, counts[0], to_nccl(t), to_nccl(op), comm_, stream_), "ncclReduceScatter");
@@ -98,12 +93,7 @@ class nccl final : public communicator {
 
   void all_gather(void* buf, const std::size_t* counts, dtype t) override {
     count_spread(counts, t);
-    std::size_t total = 0;
-    bool equal = true;
-    for (int r = 0; r < size_; ++r) {
-      total += counts[r];
-      equal = equal && counts[r] == counts[0];
-    }
+    const auto [total, equal] = summarize(counts);
     if (total == 0) return;
     const std::size_t es = dtype_size(t);
     auto* bytes = static_cast<unsigned char*>(buf);
@@ -160,6 +150,16 @@ class nccl final : public communicator {
   using communicator::reduce_scatter;
 
  private:
+  // The total of the per-rank counts, and whether they are all equal (then one native collective does it).
+  std::pair<std::size_t, bool> summarize(const std::size_t* counts) const {
+    std::size_t total = 0;
+    bool equal = true;
+    for (int r = 0; r < size_; ++r) {
+      total += counts[r];
+      equal = equal && counts[r] == counts[0];
+    }
+    return {total, equal};
+  }
   static void check(ncclResult_t rc, const char* what) {
     if (rc == ncclSuccess) return;
     throw error(status{errc::unsupported, std::string(what) + " failed: " + ncclGetErrorString(rc)});
