@@ -45,6 +45,9 @@ struct step_options {
   // DeepSpeed compatibility: unscale with the scale *after* this step's update (DeepSpeed updates the scale
   // first, which halves the gradient on every growth step). Off: unscale with the scale that produced the grads.
   bool deepspeed_scale_order = false;
+  // Key of the stochastic rounding of a master<T, stochastic_rounding> (policy/rounding.hpp). With the step count it
+  // is the whole random state: a resumed run continues the same random sequence.
+  std::uint64_t rounding_seed = 0x6d706f7074ull;
 };
 
 enum class skip_reason : std::uint8_t { none, nonfinite_grads, scale_at_minimum };
@@ -133,7 +136,7 @@ struct zero_options {
 struct memory_report {
   std::size_t params = 0;     // the model's param copy: the caller's buffer (stages 0-2) or the shard (stage 3)
   std::size_t grads = 0;      // grads kept until step(): the caller's full buffer (0-1) or the reduced shard (2-3)
-  std::size_t master = 0;     // master weights (0 when the param buffer is the master)
+  std::size_t master = 0;     // master weights (0 when the param buffer is the master), Kahan compensation included
   std::size_t states = 0;     // optimizer states
   std::size_t workspace = 0;  // reduction buffers and stage 1's reduced shard; stage 3's gathered params
   std::size_t total() const noexcept { return params + grads + master + states + workspace; }
@@ -246,6 +249,7 @@ class optimizer {
       largest = std::max(largest, spec.size);
       groups_.push_back(make_group(std::move(spec)));
     }
+    step_grads_.resize(groups_.size());
     if (world_ > 1 || zero_.stage >= 2) {
       const std::size_t n = std::min(largest, zero_.bucket_elements);
       send_ = host::aligned_buffer<reduce_type>(n);
@@ -289,6 +293,11 @@ class optimizer {
     return groups_[g].states[std::size_t(j)].data();
   }
   int num_states(std::size_t g) const { return groups_.at(g).num_states; }
+  // kahan_summation: the local compensation of group g (what rounding dropped, per element); null otherwise.
+  const master_t* compensation(std::size_t g) const {
+    const group& grp = groups_.at(g);
+    return grp.compensation.size() > 0 ? grp.compensation.data() : nullptr;
+  }
 
   // Full copies of group g's master weights, state j and params in `out` (group size elements). Collective.
   void gather_master(std::size_t g, master_t* out) { gather_full(g, master(g), out); }
@@ -327,6 +336,43 @@ class optimizer {
     }
   }
 
+  // Checkpoint restore (checkpoint/checkpoint.hpp). `values` holds local_range(g) (n = its size), as master(g) and
+  // state(g, j) do. set_local_master also rewrites the param copy: the local range, then at stages 1-2 the other
+  // ranks' ranges by all-gather, so it is collective there (every rank calls it for the same g).
+  void set_local_master(std::size_t g, const master_t* values, std::size_t n) {
+    check_local_size(g, n, "set_local_master");
+    group& grp = groups_[g];
+    master_t* m = grp.master();
+    param_t* p = grp.local_params();
+    for (std::size_t i = 0; i < n; ++i) {
+      m[i] = values[i];
+      if constexpr (Prec::separate_master) p[i] = convert<param_t>(values[i]);
+    }
+    publish_params(grp);
+  }
+  void set_state(std::size_t g, int j, const state_t* values, std::size_t n) {
+    check_state_index(g, j);
+    check_local_size(g, n, "set_state");
+    std::copy(values, values + n, groups_[g].states[std::size_t(j)].data());
+  }
+  // Group g's tensor sizes as constructed (empty: one tensor), and the scaler's arguments: saved as metadata.
+  const std::vector<std::size_t>& tensor_sizes(std::size_t g) const { return groups_.at(g).spec.tensor_sizes; }
+  const scaler_args& scaler_arguments() const noexcept { return scaler_args_; }
+  void set_step_count(std::int64_t step) {
+    if (step < 0) throw error(status::invalid("set_step_count: step must be >= 0, got " + std::to_string(step)));
+    step_ = step;
+  }
+
+ private:
+  void check_local_size(std::size_t g, std::size_t n, const char* what) const {
+    check_group_index(g);
+    if (n != groups_[g].local.size())
+      throw error(status::invalid(std::string(what) + ": group " + std::to_string(g) + " has " +
+                                  std::to_string(groups_[g].local.size()) +
+                                  " local elements on this rank, got n = " + std::to_string(n)));
+  }
+
+ public:
   // Stages 2 and 3: reduces (mean over ranks) the grads of tensors [first, last) of group g, `grads` holding their
   // elements contiguously, and adds them to this rank's shard of the group's grads. Collective; afterwards the
   // caller may reuse `grads`. step() consumes what was reduced.
@@ -392,7 +438,7 @@ class optimizer {
         m.grads += grp.spec.size * sizeof(grad_t);
         m.workspace += grp.reduced.size() * sizeof(grad_t);
       }
-      m.master += grp.master_copy.size() * sizeof(master_t);
+      m.master += (grp.master_copy.size() + grp.compensation.size()) * sizeof(master_t);
       m.states += std::size_t(grp.num_states) * held * sizeof(state_t);
     }
     m.workspace += (send_.size() + recv_.size()) * sizeof(reduce_type) + live_elements_ * sizeof(param_t);
@@ -401,7 +447,7 @@ class optimizer {
 
   step_result step() {
     const bool need_stats = Scaler::skips_on_overflow(scaler_args_) || options_.max_grad_norm > 0;
-    std::vector<const grad_t*> grads(groups_.size());
+    std::vector<const grad_t*>& grads = step_grads_;  // sized at construction: a step allocates nothing
     for (std::size_t g = 0; g < groups_.size(); ++g) grads[g] = reduced_grads(g);
 
     double sum_sq = 0.0;
@@ -433,17 +479,27 @@ class optimizer {
     group_type spec;
     std::vector<std::size_t> offsets;  // tensor boundaries, size tensors + 1
     zero::partition part;
-    zero::range local;                           // the elements this rank updates
-    std::size_t held = 0;                        // elements of master and states held (the shard, padding included)
-    host::aligned_buffer<master_t> master_copy;  // empty when the param buffer is the master
-    host::aligned_buffer<param_t> param_shard;   // stage 3: this rank's params
-    host::aligned_buffer<grad_t> reduced;        // the reduced grads of `local` (none at world size 1, stages 0-1)
-    bool has_reduced = false;                    // stages 2-3: reduce_grads() since the last step
+    zero::range local;                            // the elements this rank updates
+    std::size_t held = 0;                         // elements of master and states held (the shard, padding included)
+    host::aligned_buffer<master_t> master_copy;   // empty when the param buffer is the master
+    host::aligned_buffer<master_t> compensation;  // kahan_summation: what rounding dropped, per held element
+    host::aligned_buffer<param_t> param_shard;    // stage 3: this rank's params
+    host::aligned_buffer<grad_t> reduced;         // the reduced grads of `local` (none at world size 1, stages 0-1)
+    bool has_reduced = false;                     // stages 2-3: reduce_grads() since the last step
     std::vector<host::aligned_buffer<state_t>> states;
     int num_states = 0;
+    zero::partition reduce_part;              // how grads are reduce-scattered (stage 0: over all ranks)
     std::vector<zero::segment> all_segments;  // per-tensor rules: the group's grid segments
     std::vector<std::size_t> segment_counts;  // per rank: how many of them it owns
-    std::vector<std::size_t> block_counts;    // per rank: grad-statistics blocks it owns
+    std::vector<zero::segment> my_segments;   // this rank's run of all_segments (first_segment onwards)
+    std::size_t first_segment = 0;
+    std::vector<std::size_t> block_counts;  // per rank: grad-statistics blocks it owns
+    // Step workspace, sized at construction so that a step allocates nothing.
+    std::vector<double> stat_partials;     // one per statistics block of the group
+    std::vector<double> segment_partials;  // 2 per segment: |w|^2, |u|^2
+    std::vector<std::size_t> segment_counts2;
+    std::vector<double> tensor_sums;     // 2 per tensor
+    std::vector<compute_t> trust_ratio;  // 1 per tensor
 
     param_t* local_params() { return param_shard.size() > 0 ? param_shard.data() : spec.params + local.begin; }
     master_t* master() {
@@ -536,6 +592,10 @@ class optimizer {
       for (std::size_t i = grp.local.begin; i < grp.local.end; ++i)
         grp.master_copy[i - grp.local.begin] = convert<master_t>(spec.params[i]);
     }
+    if constexpr (std::is_same_v<typename Prec::master_rounding, kahan_summation>) {
+      grp.compensation = host::aligned_buffer<master_t>(grp.held);
+      std::fill(grp.compensation.data(), grp.compensation.data() + grp.held, master_t{});
+    }
     for (int j = 0; j < grp.num_states; ++j) {
       grp.states.emplace_back(grp.held);
       const state_t init = convert<state_t>(compute_t(Rule::initial_state(spec.hparams, j)));
@@ -548,8 +608,22 @@ class optimizer {
       if constexpr (Rule::per_tensor)
         grp.segment_counts.push_back(zero::grid_segments(o, grp.offsets, host::reduce_block).size());
     }
-    if constexpr (Rule::per_tensor)
+    grp.reduce_part = zero::make_partition(spec.size, world_);
+    std::size_t blocks = 0;
+    for (std::size_t c : grp.block_counts) blocks += c;
+    grp.stat_partials.resize(blocks);
+    if constexpr (Rule::per_tensor) {
       grp.all_segments = zero::grid_segments(zero::range{0, spec.size}, grp.offsets, host::reduce_block);
+      const bool split = zero_.stage >= 1 && world_ > 1;
+      for (int q = 0; q < rank_ && split; ++q) grp.first_segment += grp.segment_counts[std::size_t(q)];
+      const std::size_t mine = split ? grp.segment_counts[std::size_t(rank_)] : grp.all_segments.size();
+      grp.my_segments.assign(grp.all_segments.begin() + std::ptrdiff_t(grp.first_segment),
+                             grp.all_segments.begin() + std::ptrdiff_t(grp.first_segment + mine));
+      grp.segment_partials.resize(2 * grp.all_segments.size());
+      for (std::size_t c : grp.segment_counts) grp.segment_counts2.push_back(2 * c);
+      grp.tensor_sums.resize(2 * (grp.offsets.size() - 1));
+      grp.trust_ratio.resize(grp.offsets.size() - 1);
+    }
     if (zero_.stage == 3) spec.params = nullptr;  // only the initial values: the shard is the params from now on
     grp.spec = std::move(spec);
     return grp;
@@ -566,7 +640,7 @@ class optimizer {
   // `local` and stores it in `reduced` (or adds it). Stage 0 then all-gathers the rounded means, so every replica
   // holds the same bits (an all-reduce need not give every rank the same rounding).
   void reduce_range(group& grp, zero::range r, const grad_t* g, bool accumulate) {
-    const zero::partition& part = zero_.stage == 0 ? zero::make_partition(grp.spec.size, world_) : grp.part;
+    const zero::partition& part = grp.reduce_part;
     for_each_bucket(r, [&](zero::range piece) {
       for (std::size_t i = piece.begin; i < piece.end; ++i)
         send_[i - piece.begin] = convert<reduce_type>(g[i - r.begin]);
@@ -608,13 +682,10 @@ class optimizer {
 
   // The group's sum of squares, the same bits on every rank and world size: per-block partials, all-gathered when
   // sharded, added in block order.
-  double group_sum_sq(const group& grp, const grad_t* g) {
-    std::vector<double> partial;
+  double group_sum_sq(group& grp, const grad_t* g) {
+    std::vector<double>& partial = grp.stat_partials;
     std::size_t offset = 0;
     for (int q = 0; q < rank_ && sharded(); ++q) offset += grp.block_counts[std::size_t(q)];
-    std::size_t total = 0;
-    for (std::size_t c : grp.block_counts) total += c;
-    partial.resize(total);
     host::reduce_grad_partials(g, grp.local.size(), partial.data() + offset);
     if (sharded()) comm_->all_gather(partial.data(), grp.block_counts);
     return host::sum_in_order(partial.data(), partial.size());
@@ -627,26 +698,23 @@ class optimizer {
     v.grad = g;
     v.n = grp.local.size();
     for (int j = 0; j < grp.num_states; ++j) v.states[j] = grp.states[std::size_t(j)].data();
+    // Philox key: the seed, with the group index in its high word so groups draw independent bits.
+    const std::uint64_t key = options_.rounding_seed ^ (std::uint64_t(&grp - groups_.data()) << 48);
+    v.rounding.key[0] = std::uint32_t(key);
+    v.rounding.key[1] = std::uint32_t(key >> 32);
+    v.rounding.step = std::uint64_t(step_);
+    v.rounding.first_index = grp.local.begin;
+    v.rounding.compensation = grp.compensation.size() > 0 ? grp.compensation.data() : nullptr;
     const auto k = Rule::template prepare<compute_t>(grp.spec.hparams, step_);
     if constexpr (Rule::per_tensor) {
-      if (!sharded()) {
-        host::update_per_tensor<Rule, Prec>(v, k, grp.offsets, factor);
-        return;
-      }
       // Each rank's segments are a run of the group's; their partials, all-gathered, add up as single-rank ones.
-      std::size_t first = 0;
-      for (int q = 0; q < rank_; ++q) first += grp.segment_counts[std::size_t(q)];
-      const std::vector<zero::segment> mine(
-          grp.all_segments.begin() + std::ptrdiff_t(first),
-          grp.all_segments.begin() + std::ptrdiff_t(first + grp.segment_counts[std::size_t(rank_)]));
-      std::vector<double> partial(2 * grp.all_segments.size());
-      host::per_tensor_partials<Rule, Prec>(v, k, mine, grp.local.begin, factor, partial.data() + 2 * first);
-      std::vector<std::size_t> counts(grp.segment_counts);
-      for (std::size_t& c : counts) c *= 2;
-      comm_->all_gather(partial.data(), counts);
-      host::per_tensor_apply<Rule, Prec>(
-          v, k, mine, grp.local.begin,
-          host::trust_ratios<Rule, compute_t>(k, grp.all_segments, partial.data(), grp.offsets.size() - 1));
+      double* partial = grp.segment_partials.data();
+      host::per_tensor_partials<Rule, Prec>(v, k, grp.my_segments, grp.local.begin, factor,
+                                            partial + 2 * grp.first_segment);
+      if (sharded()) comm_->all_gather(partial, grp.segment_counts2);
+      host::trust_ratios<Rule>(k, grp.all_segments, partial, grp.offsets.size() - 1, grp.tensor_sums.data(),
+                               grp.trust_ratio.data());
+      host::per_tensor_apply<Rule, Prec>(v, k, grp.my_segments, grp.local.begin, grp.trust_ratio.data());
     } else {
       host::update_elementwise<Rule, Prec>(v, k, grp.num_states, factor);
     }
@@ -682,6 +750,7 @@ class optimizer {
   scaler_state_type scaler_state_{};
   step_options options_;
   std::int64_t step_ = 0;
+  std::vector<const grad_t*> step_grads_;
   host::aligned_buffer<reduce_type> send_, recv_;  // reduction workspace, bucket_elements each at most
   std::map<std::tuple<std::size_t, std::size_t, std::size_t>, live_gather> live_;
   std::size_t live_elements_ = 0;

@@ -2,6 +2,7 @@
 // mpopt against a reference they trust.
 //   mpopt-conformance optimizer CASE.json   -> {"traj": [...], "master": [...]}
 //   mpopt-conformance scaler CASE.json      -> {"scale_before": [...], "hysteresis_after": [...], "raised_at": ...}
+//   mpopt-conformance config CONFIG.json    -> the DeepSpeed config resolved: {"precision": ..., "scaler": ...}
 //   mpirun -np N mpopt-conformance optimizer CASE.json --zero-stage S
 //       the same case sharded with ZeRO stage S over MPI (built with MPI; without it, on one rank); every rank
 //       feeds the case's grads, rank 0 prints.
@@ -18,6 +19,10 @@
 #if defined(MPOPT_CONFORMANCE_MPI)
 #include "mpopt/comm/mpi.hpp"
 #endif
+
+namespace mpopt::conformance {
+int run_config_command(const std::string& path);  // config_case.cpp
+}
 
 namespace {
 
@@ -51,7 +56,8 @@ void write_json(std::ostream& os, const nlohmann::json& j) {
 
 int usage() {
   std::cerr << "usage: mpopt-conformance optimizer CASE.json [--zero-stage 0|1|2|3]\n"
-               "       mpopt-conformance scaler CASE.json\n";
+               "       mpopt-conformance scaler CASE.json\n"
+               "       mpopt-conformance config DEEPSPEED_CONFIG.json\n";
   return 2;
 }
 
@@ -108,6 +114,7 @@ int run(const std::string& mode, const std::string& path, const mpopt::conforman
 int main(int argc, char** argv) {
   if (argc != 3 && argc != 5) return usage();
   const std::string mode = argv[1], path = argv[2];
+  if (mode == "config" && argc == 3) return mpopt::conformance::run_config_command(path);
   if (mode != "optimizer" && mode != "scaler") return usage();
   if (argc == 3) return run(mode, path, {}, 0);
   if (mode != "optimizer" || std::string(argv[3]) != "--zero-stage") return usage();

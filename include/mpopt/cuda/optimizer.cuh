@@ -56,6 +56,9 @@ class optimizer {
   static_assert(is_precision<Prec>::value,
                 "mpopt::cuda::optimizer: the 2nd argument must be an mpopt::precision<param<..>, master<..>, "
                 "grad<..>, state<..>>");
+  static_assert(std::is_same_v<typename Prec::master_rounding, nearest_rounding>,
+                "mpopt::cuda::optimizer: stochastic_rounding and kahan_summation masters run on the host optimizer "
+                "only so far; use master<T> (nearest_rounding) here");
 
  public:
   using rule_type = Rule;

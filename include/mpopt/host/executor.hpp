@@ -7,10 +7,12 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../config.hpp"
 #include "../numeric/convert.hpp"
+#include "../policy/rounding.hpp"
 #include "../zero/partition.hpp"
 
 namespace mpopt::host {
@@ -97,6 +99,8 @@ struct group_view {
   const grad_t* grad = nullptr;
   state_t* states[MaxStates > 0 ? MaxStates : 1] = {};
   std::size_t n = 0;
+  // Stochastic rounding and Kahan summation of a 16-bit master (policy/rounding.hpp); unused with nearest_rounding.
+  master_store_ctx<master_t> rounding{};
 };
 
 namespace detail {
@@ -113,11 +117,13 @@ MPOPT_FORCEINLINE void store_states(const typename Prec::compute_t (&s)[MS], con
   for (int j = 0; j < NS; ++j) states[j][i] = convert<typename Prec::state_t>(s[j]);
 }
 
-// Writes the new master (rounded once) and the param copy (the rounded master, rounded to the param type).
+// Writes the new master w (rounded once, by the policy's master rounding; w_old is the stored master it replaces)
+// and the param copy (the rounded master, rounded to the param type).
 template <class Prec>
 MPOPT_FORCEINLINE void store_weight(typename Prec::master_t* master, typename Prec::param_t* param, std::size_t i,
-                                    typename Prec::compute_t w) {
-  const typename Prec::master_t m = convert<typename Prec::master_t>(w);
+                                    typename Prec::compute_t w, typename Prec::compute_t w_old,
+                                    const master_store_ctx<typename Prec::master_t>& ctx) {
+  const typename Prec::master_t m = round_master<typename Prec::master_rounding>(w, w_old, ctx, i);
   master[i] = m;
   if constexpr (Prec::separate_master) param[i] = convert<typename Prec::param_t>(m);
 }
@@ -126,20 +132,12 @@ MPOPT_FORCEINLINE void store_weight(typename Prec::master_t* master, typename Pr
 // copied into restrict locals: otherwise every store could alias the view and the loop would reload them.
 // GCC vectorises it with -fno-math-errno (sqrt without errno) and -fno-trapping-math (selects in the 16-bit
 // conversions); without them it runs scalar, with the same results.
-template <class Rule, class Prec, int NS, class View, class Coeffs, class C>
-void elementwise_range(const View& v, const Coeffs& k, C grad_factor, std::size_t begin, std::size_t end) {
-  using state_t = typename Prec::state_t;
-  constexpr int MS = Rule::max_states > 0 ? Rule::max_states : 1;
-  typename Prec::master_t* __restrict master = v.master;
-  typename Prec::param_t* __restrict param = v.param;
-  const typename Prec::grad_t* __restrict grad = v.grad;
-  static_assert(MS <= 3, "elementwise_range: rules with more than 3 states need another slot here");
-  // Named pointers, not an array of them: an indexed pointer load blocks vectorisation.
-  state_t* __restrict st0 = v.states[0];
-  state_t* __restrict st1 = MS > 1 ? v.states[MS > 1 ? 1 : 0] : nullptr;
-  state_t* __restrict st2 = MS > 2 ? v.states[MS > 2 ? 2 : 0] : nullptr;
+template <class Rule, class Prec, int NS, class W, class P, class G, class S, class Coeffs, class C>
+MPOPT_FORCEINLINE void elementwise_loop(W* __restrict master, P* __restrict param, const G* __restrict grad,
+                                        S* __restrict st0, S* __restrict st1, S* __restrict st2, const Coeffs& k,
+                                        C grad_factor, std::size_t n) {
   MPOPT_PRAGMA_VECTORIZE
-  for (std::size_t i = begin; i < end; ++i) {
+  for (std::size_t i = 0; i < n; ++i) {
     C s[3] = {C(0), C(0), C(0)};
     if constexpr (NS > 0) s[0] = convert<C>(st0[i]);
     if constexpr (NS > 1) s[1] = convert<C>(st1[i]);
@@ -147,10 +145,69 @@ void elementwise_range(const View& v, const Coeffs& k, C grad_factor, std::size_
     C w = convert<C>(master[i]);
     const C g = convert<C>(grad[i]) * grad_factor;
     Rule::apply(k, w, g, s);
-    if constexpr (NS > 0) st0[i] = convert<state_t>(s[0]);
-    if constexpr (NS > 1) st1[i] = convert<state_t>(s[1]);
-    if constexpr (NS > 2) st2[i] = convert<state_t>(s[2]);
-    store_weight<Prec>(master, param, i, w);
+    if constexpr (NS > 0) st0[i] = convert<S>(s[0]);
+    if constexpr (NS > 1) st1[i] = convert<S>(s[1]);
+    if constexpr (NS > 2) st2[i] = convert<S>(s[2]);
+    if constexpr (std::is_same_v<P, void>) {
+      master[i] = convert<W>(w);
+    } else {
+      const W m = convert<W>(w);
+      master[i] = m;
+      param[i] = convert<P>(m);
+    }
+  }
+}
+
+// Widens (exactly) or narrows (rounding once) n elements: separate loops, each of which vectorises.
+template <class To, class From>
+MPOPT_FORCEINLINE void convert_n(const From* __restrict in, To* __restrict out, std::size_t n) {
+  MPOPT_PRAGMA_VECTORIZE
+  for (std::size_t i = 0; i < n; ++i) out[i] = convert<To>(in[i]);
+}
+
+template <class Rule, class Prec, int NS, class View, class Coeffs, class C>
+void elementwise_range(const View& v, const Coeffs& k, C grad_factor, std::size_t begin, std::size_t end) {
+  using master_t = typename Prec::master_t;
+  using grad_t = typename Prec::grad_t;
+  using state_t = typename Prec::state_t;
+  constexpr int MS = Rule::max_states > 0 ? Rule::max_states : 1;
+  static_assert(MS <= 3, "elementwise_range: rules with more than 3 states need another slot here");
+  // Named pointers, not an array of them: an indexed pointer load blocks vectorisation.
+  state_t* st0 = v.states[0] + begin;
+  state_t* st1 = MS > 1 ? v.states[MS > 1 ? 1 : 0] + begin : nullptr;
+  state_t* st2 = MS > 2 ? v.states[MS > 2 ? 2 : 0] + begin : nullptr;
+  constexpr bool all_compute = std::is_same_v<master_t, C> && std::is_same_v<grad_t, C> && std::is_same_v<state_t, C>;
+  if constexpr (all_compute && !Prec::separate_master) {
+    elementwise_loop<Rule, Prec, NS, master_t, void>(v.master + begin, nullptr, v.grad + begin, st0, st1, st2, k,
+                                                     grad_factor, end - begin);
+  } else {
+    // 16-bit elements: GCC does not vectorise a loop that loads and stores 16-bit structs among float math, so a
+    // tile is widened into compute-type arrays, updated by the all-compute loop, and narrowed back. The roundings
+    // are the same, in the same places, as element by element.
+    constexpr std::size_t tile = 256;  // 6 arrays of 1 KiB: in L1 with the 16-bit tiles they come from
+    constexpr bool plain_store = std::is_same_v<typename Prec::master_rounding, nearest_rounding>;
+    alignas(64) C w[tile], g[tile], s0[tile], s1[tile], s2[tile], w_old[plain_store ? 1 : tile];
+    for (std::size_t t = 0; t < end - begin; t += tile) {
+      const std::size_t n = std::min(tile, end - begin - t);
+      const std::size_t at = begin + t;
+      convert_n(v.master + at, w, n);
+      if constexpr (!plain_store) std::copy(w, w + n, w_old);
+      convert_n(v.grad + at, g, n);
+      if constexpr (NS > 0) convert_n(st0 + t, s0, n);
+      if constexpr (NS > 1) convert_n(st1 + t, s1, n);
+      if constexpr (NS > 2) convert_n(st2 + t, s2, n);
+      elementwise_loop<Rule, Prec, NS, C, void>(w, nullptr, g, s0, s1, s2, k, grad_factor, n);
+      if constexpr (NS > 0) convert_n(s0, st0 + t, n);
+      if constexpr (NS > 1) convert_n(s1, st1 + t, n);
+      if constexpr (NS > 2) convert_n(s2, st2 + t, n);
+      if constexpr (plain_store) {
+        convert_n(w, v.master + at, n);
+      } else {
+        for (std::size_t i = 0; i < n; ++i)
+          v.master[at + i] = round_master<typename Prec::master_rounding>(w[i], w_old[i], v.rounding, at + i);
+      }
+      if constexpr (Prec::separate_master) convert_n(v.master + at, v.param + at, n);
+    }
   }
 }
 
@@ -223,8 +280,7 @@ void per_tensor_partials(const group_view<Prec, Rule::max_states>& v,
 template <class Rule, class Prec>
 void per_tensor_apply(const group_view<Prec, Rule::max_states>& v,
                       const typename Rule::template coeffs<typename Prec::compute_t>& k,
-                      const std::vector<zero::segment>& segs, std::size_t base,
-                      const std::vector<typename Prec::compute_t>& ratio) {
+                      const std::vector<zero::segment>& segs, std::size_t base, const typename Prec::compute_t* ratio) {
   using C = typename Prec::compute_t;
   constexpr int NS = Rule::max_states;
   const std::ptrdiff_t count = std::ptrdiff_t(segs.size());
@@ -236,28 +292,31 @@ void per_tensor_apply(const group_view<Prec, Rule::max_states>& v,
     for (std::size_t i = seg.begin - base; i < seg.end - base; ++i) {
       C st[NS];
       detail::load_states<Prec, NS>(st, v.states, i);
-      C w = convert<C>(v.master[i]);
+      const C w_old = convert<C>(v.master[i]);
+      C w = w_old;
       Rule::apply_direction(k, w, Rule::direction(k, w, st), ratio[seg.tensor]);
-      detail::store_weight<Prec>(v.master, v.param, i, w);
+      detail::store_weight<Prec>(v.master, v.param, i, w, w_old, v.rounding);
     }
   }
 }
 
-// Per tensor, the sums of its segments' partials in segment order, and the rule's trust ratio from them.
+// Per tensor, the sums of its segments' partials in segment order, and the rule's trust ratio from them, in
+// ratio[0, tensors); `sums` is scratch for 2 * tensors doubles (no allocation: the optimizer keeps both).
 template <class Rule, class C, class K>
-std::vector<C> trust_ratios(const K& k, const std::vector<zero::segment>& segs, const double* partial,
-                            std::size_t tensors) {
-  std::vector<double> w_sq(tensors, 0.0), u_sq(tensors, 0.0);
+void trust_ratios(const K& k, const std::vector<zero::segment>& segs, const double* partial, std::size_t tensors,
+                  double* sums, C* ratio) {
+  double* w_sq = sums;
+  double* u_sq = sums + tensors;
+  std::fill(sums, sums + 2 * tensors, 0.0);
   for (std::size_t s = 0; s < segs.size(); ++s) {
     w_sq[segs[s].tensor] += partial[2 * s];
     u_sq[segs[s].tensor] += partial[2 * s + 1];
   }
-  std::vector<C> ratio(tensors);
   for (std::size_t t = 0; t < tensors; ++t) ratio[t] = Rule::trust_ratio(k, std::sqrt(w_sq[t]), std::sqrt(u_sq[t]));
-  return ratio;
 }
 
 // The whole per-tensor update of one unsharded group. `tensor_offsets` has one entry per tensor plus the end.
+// Allocates its workspace; the optimizer keeps its own and calls the three phases.
 template <class Rule, class Prec>
 void update_per_tensor(const group_view<Prec, Rule::max_states>& v,
                        const typename Rule::template coeffs<typename Prec::compute_t>& k,
@@ -266,8 +325,10 @@ void update_per_tensor(const group_view<Prec, Rule::max_states>& v,
   std::vector<double> partial(2 * segs.size());
   per_tensor_partials<Rule, Prec>(v, k, segs, 0, grad_factor, partial.data());
   const std::size_t tensors = tensor_offsets.empty() ? 0 : tensor_offsets.size() - 1;
-  per_tensor_apply<Rule, Prec>(v, k, segs, 0,
-                               trust_ratios<Rule, typename Prec::compute_t>(k, segs, partial.data(), tensors));
+  std::vector<double> sums(2 * tensors);
+  std::vector<typename Prec::compute_t> ratio(tensors);
+  trust_ratios<Rule>(k, segs, partial.data(), tensors, sums.data(), ratio.data());
+  per_tensor_apply<Rule, Prec>(v, k, segs, 0, ratio.data());
 }
 
 }  // namespace mpopt::host

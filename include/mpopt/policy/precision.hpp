@@ -4,6 +4,7 @@
 #include <type_traits>
 
 #include "../numeric/traits.hpp"
+#include "rounding.hpp"
 
 namespace mpopt {
 
@@ -12,9 +13,12 @@ template <class T>
 struct param {
   using type = T;
 };
-template <class T>
+// Rounding: how a 16-bit master takes its updates (policy/rounding.hpp): nearest_rounding, stochastic_rounding or
+// kahan_summation.
+template <class T, class Rounding = nearest_rounding>
 struct master {
   using type = T;
+  using rounding = Rounding;
 };
 template <class T>
 struct grad {
@@ -35,6 +39,10 @@ struct is_role : std::false_type {};
 template <class T, template <class> class Role>
 struct is_role<Role<T>, Role> : std::true_type {};
 template <class T>
+struct is_master : std::false_type {};
+template <class T, class R>
+struct is_master<master<T, R>> : std::true_type {};
+template <class T>
 inline constexpr bool is_storage_v = std::is_same_v<T, float> || std::is_same_v<T, half_t> || std::is_same_v<T, bf16_t>;
 }  // namespace detail
 
@@ -48,7 +56,7 @@ template <class Param, class Master, class Grad, class State, class Compute = co
 struct precision {
   static_assert(detail::is_role<Param, mpopt::param>::value,
                 "mpopt::precision: the 1st argument must be mpopt::param<T>, e.g. param<bf16_t>");
-  static_assert(detail::is_role<Master, mpopt::master>::value,
+  static_assert(detail::is_master<Master>::value,
                 "mpopt::precision: the 2nd argument must be mpopt::master<T>, e.g. master<float>");
   static_assert(detail::is_role<Grad, mpopt::grad>::value,
                 "mpopt::precision: the 3rd argument must be mpopt::grad<T>, e.g. grad<bf16_t>");
@@ -59,6 +67,7 @@ struct precision {
 
   using param_t = typename Param::type;
   using master_t = typename Master::type;
+  using master_rounding = typename Master::rounding;
   using grad_t = typename Grad::type;
   using state_t = typename State::type;
   using compute_t = typename Compute::type;
@@ -83,6 +92,12 @@ struct precision {
                 "mpopt::precision: state<bf16_t> requires master<bf16_t> (DeepSpeed: bf16_optimizer_states "
                 "requires bf16_master_weights_and_grads). Use state<float>, or master<bf16_t>");
 
+  static_assert(is_master_rounding_v<master_rounding>,
+                "mpopt::precision: master<T, R>: R must be nearest_rounding, stochastic_rounding or kahan_summation");
+  static_assert(std::is_same_v<master_rounding, nearest_rounding> || is_16bit_v<master_t>,
+                "mpopt::precision: stochastic_rounding and kahan_summation are for 16-bit masters (a float master "
+                "already keeps small updates). Use master<bf16_t, R> or master<half_t, R>, or nearest_rounding");
+
   // Where master and param have one type, the param buffer is the master: no second copy.
   static constexpr bool separate_master = !std::is_same_v<master_t, param_t>;
 };
@@ -93,6 +108,10 @@ using fp64_policy = precision<param<double>, master<double>, grad<double>, state
 using bf16_mixed_policy = precision<param<bf16_t>, master<float>, grad<bf16_t>, state<float>>;
 using fp16_mixed_policy = precision<param<half_t>, master<float>, grad<half_t>, state<float>>;
 using bf16_pure_policy = precision<param<bf16_t>, master<bf16_t>, grad<bf16_t>, state<bf16_t>>;
+// All-bf16 with the master's small updates kept: in expectation, or by a compensation buffer (policy/rounding.hpp).
+using bf16_stochastic_policy =
+    precision<param<bf16_t>, master<bf16_t, stochastic_rounding>, grad<bf16_t>, state<bf16_t>>;
+using bf16_kahan_policy = precision<param<bf16_t>, master<bf16_t, kahan_summation>, grad<bf16_t>, state<bf16_t>>;
 
 template <class P>
 struct is_precision : std::false_type {};

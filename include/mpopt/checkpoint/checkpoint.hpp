@@ -1,0 +1,501 @@
+// Checkpoints of mpopt::optimizer (host): save() and load(), both collective over the optimizer's communicator.
+//
+// What is saved: master weights and every optimizer state (each rank its partition range, padding-free), the step
+// counter, the loss-scaler state and arguments, the hyper-parameters of every group, the precision policy and the
+// ZeRO layout (index.hpp lists the files and keys). The param copy is not saved: it is the master rounded to the
+// param type, and load() rewrites it from the master on every rank.
+//
+// Crash safety: rank 0 first removes any old index.json; each rank writes its file under a temporary name, fsyncs
+// and renames it; rank 0 writes index.json (file sizes and CRC-32s) last, the same way. A checkpoint without its
+// index, or whose files do not match it, does not load.
+//
+// Resharding: load() works at any world size and ZeRO stage. Each rank reads, from each saved file whose range
+// intersects its own local range, only the intersecting elements (so a rank holds O(its shard), not the model).
+// All ranks validate everything and read into temporaries first, agree (one all-reduce) that every rank succeeded,
+// and only then change the optimizer: a bad checkpoint throws mpopt::error on every rank and changes nothing.
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <limits>
+#include <map>
+#include <random>
+#include <string>
+#include <system_error>
+#include <type_traits>
+#include <vector>
+
+#include "../comm/communicator.hpp"
+#include "../error.hpp"
+#include "../optimizer.hpp"
+#include "../rules.hpp"
+#include "../scaler/scalers.hpp"
+#include "index.hpp"
+#include "safetensors.hpp"
+
+namespace mpopt::checkpoint {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Hyper-parameters by name. A rule gets checkpoint support by specialising hparam_fields: visit(args, f) calls
+// f("field", member) for every field (double or bool).
+template <class Rule>
+struct hparam_fields {
+  static_assert(sizeof(Rule) == 0,
+                "mpopt::checkpoint: this rule has no hparam_fields<Rule> specialisation listing its args fields");
+};
+template <>
+struct hparam_fields<adam> {
+  template <class A, class F>
+  static void visit(A& a, F&& f) {
+    f("lr", a.lr), f("beta1", a.beta1), f("beta2", a.beta2), f("eps", a.eps), f("weight_decay", a.weight_decay);
+    f("adam_w_mode", a.adam_w_mode), f("amsgrad", a.amsgrad), f("bias_correction", a.bias_correction);
+  }
+};
+template <>
+struct hparam_fields<adamw> : hparam_fields<adam> {};
+template <>
+struct hparam_fields<lamb> {
+  template <class A, class F>
+  static void visit(A& a, F&& f) {
+    f("lr", a.lr), f("beta1", a.beta1), f("beta2", a.beta2), f("eps", a.eps), f("weight_decay", a.weight_decay);
+    f("max_coeff", a.max_coeff), f("min_coeff", a.min_coeff), f("bias_correction", a.bias_correction);
+  }
+};
+template <>
+struct hparam_fields<sgd> {
+  template <class A, class F>
+  static void visit(A& a, F&& f) {
+    f("lr", a.lr), f("momentum", a.momentum), f("dampening", a.dampening), f("weight_decay", a.weight_decay);
+    f("nesterov", a.nesterov);
+  }
+};
+template <>
+struct hparam_fields<adagrad> {
+  template <class A, class F>
+  static void visit(A& a, F&& f) {
+    f("lr", a.lr), f("lr_decay", a.lr_decay), f("weight_decay", a.weight_decay);
+    f("initial_accumulator_value", a.initial_accumulator_value), f("eps", a.eps);
+  }
+};
+template <>
+struct hparam_fields<lion> {
+  template <class A, class F>
+  static void visit(A& a, F&& f) {
+    f("lr", a.lr), f("beta1", a.beta1), f("beta2", a.beta2), f("weight_decay", a.weight_decay);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Scalers: name, arguments (informational: they are constructor arguments) and state (restored).
+using meta_map = std::map<std::string, std::string>;
+
+namespace detail {
+
+inline status meta_error(const std::string& dir, const std::string& key, const std::string& want,
+                         const std::string& got) {
+  return status::invalid("checkpoint " + dir + ": \"" + key + "\": checkpoint has \"" + got + "\", " + want);
+}
+
+inline status meta_get(const meta_map& m, const std::string& dir, const std::string& key, std::string& out) {
+  auto it = m.find(key);
+  if (it == m.end()) return status::invalid("checkpoint " + dir + ": metadata key \"" + key + "\" is missing");
+  out = it->second;
+  return status::success();
+}
+
+template <class T>
+status meta_read(const meta_map& m, const std::string& dir, const std::string& key, T& out) {
+  std::string v;
+  status st = meta_get(m, dir, key, v);
+  if (!st.ok()) return st;
+  bool ok = false;
+  if constexpr (std::is_same_v<T, bool>) {
+    ok = v == "true" || v == "false";
+    out = v == "true";
+  } else if constexpr (std::is_same_v<T, double>) {
+    ok = parse_double(v, out);
+  } else if constexpr (std::is_same_v<T, float>) {
+    ok = parse_float32(v, out);
+  } else {
+    std::int64_t x = 0;
+    ok = parse_i64(v, x) && x >= std::int64_t(std::numeric_limits<T>::min()) &&
+         x <= std::int64_t(std::numeric_limits<T>::max());
+    out = T(x);
+  }
+  if (!ok) return meta_error(dir, key, "which is not a valid value of its type", v);
+  return status::success();
+}
+
+inline std::string to_text(bool v) {
+  return v ? "true" : "false";
+}
+inline std::string to_text(double v) {
+  return format_double(v);
+}
+inline std::string to_text(float v) {
+  return format_float32(v);
+}
+inline std::string to_text(std::int64_t v) {
+  return std::to_string(v);
+}
+inline std::string to_text(std::int32_t v) {
+  return std::to_string(v);
+}
+
+template <class Scaler>
+struct scaler_io;
+template <>
+struct scaler_io<no_scaler> {
+  static constexpr const char* name = "none";
+  static void write(const no_scaler::args& a, const no_scaler::state_type&, meta_map& m) {
+    m["scaler_args.check_overflow"] = to_text(a.check_overflow);
+  }
+  static status read(const meta_map&, const std::string&, no_scaler::state_type&) { return status::success(); }
+};
+template <>
+struct scaler_io<static_scaler> {
+  static constexpr const char* name = "static";
+  static void write(const static_scaler::args& a, const static_scaler::state_type&, meta_map& m) {
+    m["scaler_args.scale"] = to_text(a.scale);
+  }
+  static status read(const meta_map&, const std::string&, static_scaler::state_type&) { return status::success(); }
+};
+template <>
+struct scaler_io<dynamic_scaler> {
+  static constexpr const char* name = "dynamic";
+  static void write(const dynamic_scale_args& a, const scaler_state& s, meta_map& m) {
+    m["scaler_args.init_scale"] = to_text(a.init_scale);
+    m["scaler_args.scale_window"] = to_text(a.scale_window);
+    m["scaler_args.hysteresis"] = to_text(a.hysteresis);
+    m["scaler_args.consecutive_hysteresis"] = to_text(a.consecutive_hysteresis);
+    m["scaler_args.min_scale"] = to_text(a.min_scale);
+    m["scaler_args.max_scale"] = to_text(a.max_scale);
+    m["scaler_args.growth_factor"] = to_text(a.growth_factor);
+    m["scaler_args.backoff_factor"] = to_text(a.backoff_factor);
+    m["scaler_args.error_at_min"] = to_text(a.error_at_min);
+    m["scaler_args.deepspeed_window"] = to_text(a.deepspeed_window);
+    m["scaler_state.iter"] = to_text(s.iter);
+    m["scaler_state.last_overflow_iter"] = to_text(s.last_overflow_iter);
+    m["scaler_state.growth_tracker"] = to_text(s.growth_tracker);
+    m["scaler_state.scale"] = to_text(s.scale);
+    m["scaler_state.hysteresis_left"] = to_text(s.hysteresis_left);
+  }
+  static status read(const meta_map& m, const std::string& dir, scaler_state& s) {
+    scaler_state t{};
+    status st = meta_read(m, dir, "scaler_state.iter", t.iter);
+    if (st.ok()) st = meta_read(m, dir, "scaler_state.last_overflow_iter", t.last_overflow_iter);
+    if (st.ok()) st = meta_read(m, dir, "scaler_state.growth_tracker", t.growth_tracker);
+    if (st.ok()) st = meta_read(m, dir, "scaler_state.scale", t.scale);
+    if (st.ok()) st = meta_read(m, dir, "scaler_state.hysteresis_left", t.hysteresis_left);
+    if (st.ok() && !(std::isfinite(t.scale) && t.scale > 0))
+      st = meta_error(dir, "scaler_state.scale", "a loss scale must be finite and > 0", format_float32(t.scale));
+    if (st.ok()) s = t;
+    return st;
+  }
+};
+
+// Every rank calls this with its own outcome; if any failed, every rank throws (the failing rank its own message,
+// the others one naming it), so no rank goes on alone into a collective or a partial state.
+inline void agree(comm::communicator& c, const status& st, const char* what) {
+  double failed = st.ok() ? 0.0 : double(c.rank() + 1);
+  c.all_reduce(&failed, 1, comm::reduce_op::max);
+  if (failed == 0.0) return;
+  if (!st.ok()) throw error(status{st.code, std::string(what) + ": " + st.message});
+  throw error(status::invalid(std::string(what) + ": failed on rank " + std::to_string(int(failed) - 1) +
+                              " (its error says why); nothing was changed"));
+}
+
+// Element range each saving rank writes: the ZeRO partition at the saving world size, at stage 0 too (replicas
+// split the writing instead of each writing everything).
+inline zero::range saved_range(std::size_t size, int world, int rank) {
+  return zero::make_partition(size, world).owned(rank);
+}
+
+}  // namespace detail
+
+// The metadata describing `opt` (index.hpp lists the keys). Every rank computes the same.
+template <class Opt>
+meta_map describe(const Opt& opt) {
+  using Rule = typename Opt::rule_type;
+  using Prec = typename Opt::precision_type;
+  using Scaler = typename Opt::scaler_type;
+  meta_map m;
+  m["format"] = format_name;
+  m["format_version"] = std::to_string(format_version);
+  m["rule"] = Rule::name;
+  m["scaler"] = detail::scaler_io<Scaler>::name;
+  m["precision.param"] = dtype_name<typename Prec::param_t>();
+  m["precision.master"] = dtype_name<typename Prec::master_t>();
+  m["precision.grad"] = dtype_name<typename Prec::grad_t>();
+  m["precision.state"] = dtype_name<typename Prec::state_t>();
+  m["precision.compute"] = dtype_name<typename Prec::compute_t>();
+  // Stochastic rounding's random state is the seed and the step count; resuming bitwise needs the same seed.
+  m["precision.master_rounding"] =
+      std::is_same_v<typename Prec::master_rounding, stochastic_rounding> ? "stochastic" : "nearest";
+  m["step_options.rounding_seed"] = std::to_string(opt.options().rounding_seed);
+  m["step"] = std::to_string(opt.step_count());
+  m["zero.stage"] = std::to_string(opt.zero().stage);
+  m["zero.world_size"] = std::to_string(opt.communicator().size());
+  m["zero.shard_alignment"] = std::to_string(zero::shard_alignment);
+  m["step_options.max_grad_norm"] = format_double(opt.options().max_grad_norm);
+  m["step_options.deepspeed_scale_order"] = detail::to_text(opt.options().deepspeed_scale_order);
+  detail::scaler_io<Scaler>::write(opt.scaler_arguments(), opt.scaler_state(), m);
+  m["groups"] = std::to_string(opt.num_groups());
+  for (std::size_t g = 0; g < opt.num_groups(); ++g) {
+    const std::string k = "group." + std::to_string(g) + ".";
+    const std::size_t size = opt.layout(g).size;
+    std::vector<std::size_t> ts = opt.tensor_sizes(g);
+    if (ts.empty()) ts.push_back(size);
+    m[k + "size"] = std::to_string(size);
+    m[k + "tensor_sizes"] = join_sizes(ts);
+    m[k + "num_states"] = std::to_string(opt.num_states(g));
+    m[k + "shard"] = std::to_string(zero::make_partition(size, opt.communicator().size()).shard);
+    std::string names;
+    for (int j = 0; j < opt.num_states(g); ++j) names += (j ? "," : "") + std::string(Rule::state_names[j]);
+    m[k + "states"] = names;
+    typename Rule::args a = opt.hparams(g);
+    hparam_fields<Rule>::visit(a, [&](const char* field, auto& v) { m[k + "hparams." + field] = detail::to_text(v); });
+  }
+  return m;
+}
+
+struct save_options {
+  // Extra string metadata, saved as "user.<key>" in the index and in every rank file.
+  meta_map user_metadata;
+};
+
+// Writes `opt` to directory `dir` (created if needed; an older checkpoint there is replaced). Collective; throws
+// mpopt::error on every rank if any rank fails, and then no index.json exists, so the directory does not load.
+template <class Opt>
+void save(Opt& opt, const std::string& dir, const save_options& options = {}) {
+  static_assert(!std::is_same_v<typename Opt::precision_type::master_rounding, kahan_summation>,
+                "mpopt::checkpoint: the Kahan compensation buffer is not checkpointed yet; use nearest_rounding or "
+                "stochastic_rounding for a master you checkpoint");
+  comm::communicator& c = opt.communicator();
+  const int rank = c.rank(), world = c.size();
+  const char* what = "checkpoint save";
+  status st;
+  if (rank == 0) {  // no index from now until the new one is complete
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec) st = status::invalid("cannot create directory " + dir + ": " + ec.message());
+    const std::string idx = dir + "/" + index_name;
+    if (st.ok() && std::filesystem::exists(idx, ec)) {
+      std::filesystem::remove(idx, ec);
+      if (ec) st = status::invalid("cannot remove the old " + idx + ": " + ec.message());
+      if (st.ok()) st = detail::fsync_dir(dir);
+    }
+  }
+  detail::agree(c, st, what);
+
+  // A fresh id ties the rank files to this save's index; 32-bit halves travel exactly as doubles.
+  double id[2] = {0, 0};
+  if (rank == 0) {
+    std::random_device rd;
+    const auto t = std::uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
+    id[0] = double(std::uint32_t(rd()) ^ std::uint32_t(t));
+    id[1] = double(std::uint32_t(rd()) ^ std::uint32_t(t >> 32));
+  }
+  c.broadcast(id, 2, 0);
+  meta_map meta = describe(opt);
+  meta["save_id"] = hex32(std::uint32_t(id[0])) + hex32(std::uint32_t(id[1]));
+  for (const auto& kv : options.user_metadata) meta["user." + kv.first] = kv.second;
+
+  // This rank's file.
+  using Rule = typename Opt::rule_type;
+  meta_map file_meta = meta;
+  file_meta["rank"] = std::to_string(rank);
+  std::vector<tensor_entry> entries;
+  std::vector<zero::range> ranges;
+  for (std::size_t g = 0; g < opt.num_groups(); ++g) {
+    const zero::range r = detail::saved_range(opt.layout(g).size, world, rank);
+    const zero::range local = opt.local_range(g);
+    if (!r.empty() && !(local.begin <= r.begin && r.end <= local.end))
+      throw error(status::invalid("checkpoint save: rank " + std::to_string(rank) + " does not hold group " +
+                                  std::to_string(g) + "'s saved range"));  // unreachable with ZeRO's partition
+    ranges.push_back(r);
+    file_meta["group." + std::to_string(g) + ".range"] = std::to_string(r.begin) + "," + std::to_string(r.end);
+    const std::size_t off = r.empty() ? 0 : r.begin - local.begin;
+    entries.push_back({master_tensor(g),
+                       safetensors_dtype(dtype_of<typename Opt::master_t>::value),
+                       {r.size()},
+                       opt.master(g) + off});
+    for (int j = 0; j < opt.num_states(g); ++j)
+      entries.push_back({state_tensor(g, Rule::state_names[j]),
+                         safetensors_dtype(dtype_of<typename Opt::state_t>::value),
+                         {r.size()},
+                         opt.state(g, j) + off});
+  }
+  std::uint64_t bytes = 0;
+  std::uint32_t crc = 0;
+  st = write_file(dir + "/" + rank_file_name(rank, world), entries, file_meta, &bytes, &crc);
+  detail::agree(c, st, what);
+
+  // Sizes and checksums to rank 0, which writes the index last.
+  std::vector<double> info(3 * std::size_t(world));
+  info[3 * std::size_t(rank)] = double(bytes >> 32);
+  info[3 * std::size_t(rank) + 1] = double(bytes & 0xffffffffu);
+  info[3 * std::size_t(rank) + 2] = double(crc);
+  c.all_gather(info.data(), std::vector<std::size_t>(std::size_t(world), 3));
+  if (rank == 0) {
+    std::string j = "{\n  \"metadata\": {";
+    bool first = true;
+    for (const auto& kv : meta) {
+      j += std::string(first ? "\n" : ",\n") + "    " + json::quote(kv.first) + ": " + json::quote(kv.second);
+      first = false;
+    }
+    j += "\n  },\n  \"files\": [";
+    for (int q = 0; q < world; ++q) {
+      const std::uint64_t b =
+          (std::uint64_t(info[3 * std::size_t(q)]) << 32) | std::uint64_t(info[3 * std::size_t(q) + 1]);
+      j += std::string(q ? ",\n" : "\n") + "    {\"rank\": " + std::to_string(q) +
+           ", \"file\": " + json::quote(rank_file_name(q, world)) + ", \"bytes\": " + std::to_string(b) +
+           ", \"crc32\": \"" + hex32(std::uint32_t(info[3 * std::size_t(q) + 2])) + "\", \"ranges\": [";
+      for (std::size_t g = 0; g < opt.num_groups(); ++g) {
+        const zero::range r = detail::saved_range(opt.layout(g).size, world, q);
+        j += std::string(g ? ", " : "") + "[" + std::to_string(r.begin) + ", " + std::to_string(r.end) + "]";
+      }
+      j += "]}";
+    }
+    j += "\n  ]\n}\n";
+    atomic_file f;
+    st = f.open(dir + "/" + index_name);
+    if (st.ok()) st = f.write(j.data(), j.size());
+    if (st.ok()) st = f.commit();
+  }
+  detail::agree(c, st, what);
+}
+
+struct load_options {
+  bool verify_checksums = true;  // CRC-32 of every file a rank reads from (reads each such file once in full)
+  bool restore_hparams = true;   // set each group's hyper-parameters from the checkpoint (lr schedule position etc.)
+  // Master and state dtypes must match the checkpoint's unless this is set; then values are rounded (nearest even).
+  bool convert_dtypes = false;
+};
+
+namespace detail {
+
+// Everything load() will put into the optimizer, read and validated.
+template <class Opt>
+struct staged {
+  std::vector<typename Opt::args_type> hparams;
+  typename Opt::scaler_state_type scaler{};
+  std::int64_t step = 0;
+  std::vector<std::vector<typename Opt::master_t>> master;
+  std::vector<std::vector<std::vector<typename Opt::state_t>>> states;
+};
+
+template <class Opt>
+status stage_load(const Opt& opt, const std::string& dir, const load_options& o, staged<Opt>& out) {
+  using Rule = typename Opt::rule_type;
+  using Scaler = typename Opt::scaler_type;
+  index ix;
+  status st = read_index(dir, ix);
+  if (!st.ok()) return st;
+  const meta_map mine = describe(opt);
+  const meta_map& saved = ix.metadata;
+  auto same = [&](const std::string& key) -> status {
+    std::string v;
+    status s = meta_get(saved, dir, key, v);
+    if (!s.ok()) return s;
+    const std::string& want = mine.at(key);
+    if (v != want) return meta_error(dir, key, "this optimizer has \"" + want + "\"", v);
+    return status::success();
+  };
+  std::vector<std::string> keys = {"rule", "scaler", "groups", "precision.master_rounding"};
+  if (!o.convert_dtypes) keys.insert(keys.end(), {"precision.master", "precision.state"});
+  for (const auto& k : keys)
+    if (!(st = same(k)).ok()) return st;
+  for (std::size_t g = 0; g < opt.num_groups(); ++g)
+    for (const char* f : {"size", "tensor_sizes", "num_states", "states"})
+      if (!(st = same("group." + std::to_string(g) + "." + f)).ok()) return st;
+
+  out.step = ix.step;
+  if (!(st = scaler_io<Scaler>::read(saved, dir, out.scaler)).ok()) return st;
+  for (std::size_t g = 0; g < opt.num_groups(); ++g) {
+    typename Rule::args a = opt.hparams(g);
+    hparam_fields<Rule>::visit(a, [&](const char* field, auto& v) {
+      if (st.ok()) st = meta_read(saved, dir, "group." + std::to_string(g) + ".hparams." + field, v);
+    });
+    if (!st.ok()) return st;
+    if (o.restore_hparams) {
+      if (!(st = mpopt::detail::with_group_prefix(Rule::validate(a), g)).ok())
+        return status::invalid("checkpoint " + dir + ": " + st.message);
+      if (Rule::num_states(a) != opt.num_states(g))
+        return status::invalid("checkpoint " + dir + ": group " + std::to_string(g) + ": its hyper-parameters need " +
+                               std::to_string(Rule::num_states(a)) + " states, this optimizer has " +
+                               std::to_string(opt.num_states(g)));
+    }
+    out.hparams.push_back(a);
+  }
+
+  // The data: for each group, the pieces of every saved file that intersect this rank's local range.
+  std::map<std::size_t, shard_reader> open_files;
+  auto reader = [&](std::size_t q, const shard_reader*& r) -> status {
+    auto it = open_files.find(q);
+    if (it == open_files.end()) {
+      shard_reader fresh;
+      const status s = fresh.open(ix, ix.files[q], o.verify_checksums);
+      if (!s.ok()) return s;
+      it = open_files.emplace(q, std::move(fresh)).first;
+    }
+    r = &it->second;
+    return status::success();
+  };
+  for (std::size_t g = 0; g < opt.num_groups(); ++g) {
+    const zero::range local = opt.local_range(g);
+    out.master.emplace_back(local.size());
+    out.states.emplace_back(std::size_t(opt.num_states(g)), std::vector<typename Opt::state_t>(local.size()));
+    for (std::size_t q = 0; q < ix.files.size(); ++q) {
+      const zero::range r = ix.files[q].ranges[g];
+      const zero::range piece = zero::intersect(local, r);
+      if (piece.empty()) continue;
+      const shard_reader* f = nullptr;
+      if (!(st = reader(q, f)).ok()) return st;
+      const std::size_t at = piece.begin - local.begin;
+      st = f->read(master_tensor(g), r, piece, out.master.back().data() + at, o.convert_dtypes);
+      for (int j = 0; st.ok() && j < opt.num_states(g); ++j)
+        st = f->read(state_tensor(g, Rule::state_names[j]), r, piece, out.states.back()[std::size_t(j)].data() + at,
+                     o.convert_dtypes);
+      if (!st.ok()) return st;
+    }
+  }
+  return status::success();
+}
+
+}  // namespace detail
+
+// Restores `opt` from directory `dir`, written by save() at any world size and ZeRO stage. Collective. The
+// optimizer must have the same rule, scaler kind, groups (sizes, tensor sizes, state count) and master/state
+// dtypes; a mismatch, a missing or corrupt file throws mpopt::error on every rank, naming the key or file and
+// both values, and leaves the optimizer unchanged.
+template <class Opt>
+void load(Opt& opt, const std::string& dir, const load_options& options = {}) {
+  static_assert(!std::is_same_v<typename Opt::precision_type::master_rounding, kahan_summation>,
+                "mpopt::checkpoint: the Kahan compensation buffer is not checkpointed yet; use nearest_rounding or "
+                "stochastic_rounding for a master you checkpoint");
+  detail::staged<Opt> s;
+  status st;
+  try {
+    st = detail::stage_load(opt, dir, options, s);
+  } catch (const std::exception& e) {  // e.g. bad_alloc: still agree, so no rank is left waiting
+    st = status::invalid(e.what());
+  }
+  detail::agree(opt.communicator(), st, "checkpoint load");
+  // Commit: nothing below can fail (sizes and values were checked above).
+  if (options.restore_hparams)
+    for (std::size_t g = 0; g < opt.num_groups(); ++g) opt.set_hparams(g, s.hparams[g]);
+  opt.set_step_count(s.step);
+  opt.set_scaler_state(s.scaler);
+  for (std::size_t g = 0; g < opt.num_groups(); ++g) {
+    opt.set_local_master(g, s.master[g].data(), s.master[g].size());
+    for (int j = 0; j < opt.num_states(g); ++j)
+      opt.set_state(g, j, s.states[g][std::size_t(j)].data(), s.master[g].size());
+  }
+}
+
+}  // namespace mpopt::checkpoint

@@ -1,0 +1,894 @@
+// DeepSpeed JSON configuration -> mpopt runtime configuration, with DeepSpeed's defaults and compatibility rules.
+// Host only. Requires nlohmann/json (https://github.com/nlohmann/json, header <nlohmann/json.hpp>).
+//
+//   nlohmann::json j = nlohmann::json::parse(file);
+//   mpopt::deepspeed::parse_result r = mpopt::deepspeed::parse_config(j);   // every error, every warning
+//   if (!r.ok()) { for (auto& e : r.errors) std::cerr << e << "\n"; }
+//   mpopt::deepspeed::config c = mpopt::deepspeed::load_config(j);          // or: throws mpopt::error
+//
+// Sections read: fp16, bf16 (legacy name bfloat16), zero_optimization, optimizer, gradient_clipping, amp,
+// zero_allow_untested_optimizer, data_types, torch_autocast. Choices where DeepSpeed leaves room:
+//  - Unknown keys inside fp16, bf16, data_types, torch_autocast and optimizer.params are errors (DeepSpeed's
+//    pydantic models forbid extras; the optimizer constructor rejects unknown arguments). Unknown keys at the top
+//    level and in zero_optimization are warnings: DeepSpeed has many keys outside an optimizer's scope.
+//  - "auto" (the Hugging Face placeholder) means the default, as DeepSpeed drops such values.
+//  - optimizer.params.max_grad_norm is an error pointing to gradient_clipping (DeepSpeed fails on it too, later).
+//  - gradient_clipping defaults to 1.0 (DeepSpeed since 2026-06-23; 0.0 before).
+// deepspeed/dispatch.hpp maps a config onto the compiled optimizer types.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../error.hpp"
+#include "../numeric/traits.hpp"
+#include "../rule/adagrad.hpp"
+#include "../rule/adam.hpp"
+#include "../rule/lamb.hpp"
+#include "../rule/lion.hpp"
+#include "../rule/sgd.hpp"
+#include "../scaler/loss_scaler.hpp"
+
+namespace mpopt::deepspeed {
+
+// The dtype of each role. param and grad are the model's dtype; grad_accum is data_types.grad_accum_dtype.
+struct precision_config {
+  dtype param = dtype::fp32;
+  dtype master = dtype::fp32;
+  dtype grad = dtype::fp32;
+  dtype state = dtype::fp32;
+  dtype grad_accum = dtype::fp32;
+};
+
+enum class scaler_kind : std::uint8_t { none, fixed, dynamic };  // no_scaler, static_scaler, dynamic_scaler
+
+inline const char* to_string(scaler_kind k) {
+  switch (k) {
+    case scaler_kind::none: return "none";
+    case scaler_kind::fixed: return "static";
+    case scaler_kind::dynamic: return "dynamic";
+  }
+  return "?";
+}
+
+struct scaler_config {
+  scaler_kind kind = scaler_kind::none;
+  dynamic_scale_args dynamic{};  // kind == dynamic
+  float loss_scale = 0.f;        // fp16.loss_scale as written: 0 = dynamic (when fp16 is enabled)
+  float static_scale = 1.f;      // kind == fixed: fp16.loss_scale
+  bool check_overflow = true;    // kind == none: skip steps with non-finite grads (bf16.check_grad_overflow)
+};
+
+struct offload_config {
+  std::string device = "none";  // none, cpu, nvme
+  bool pin_memory = true;
+  double ratio = 1.0;
+};
+
+struct zero_config {
+  int stage = 0;
+  // DeepSpeed's values (elements), as written or defaulted.
+  std::size_t reduce_bucket_size = 500000000;
+  std::size_t allgather_bucket_size = 500000000;
+  std::size_t stage3_max_live_parameters = 1000000000;
+  // What mpopt uses for zero_options::bucket_elements: reduce_bucket_size when it is given, else mpopt's 1 M
+  // (DeepSpeed's 5e8 makes OpenMPI's shared-memory reduce-scatter slow; see zero_options).
+  std::size_t bucket_elements = std::size_t(1) << 20;
+  offload_config offload_optimizer{};
+};
+
+// The optimizer section mapped onto mpopt's rules. `name` is the rule: adam, adamw, sgd, adagrad, lamb, lion;
+// onebitadam, zerooneadam, onebitlamb and muon are parsed and validated but have no rule in this build yet;
+// "" when the config has no optimizer section (a client optimizer).
+struct optimizer_config {
+  std::string type;  // as written
+  std::string name;
+  adam::args adam_args{};  // adam and adamw (adam_w_mode tells which)
+  sgd::args sgd_args{};
+  adagrad::args adagrad_args{};
+  lamb::args lamb_args{};
+  lion::args lion_args{};
+  bool torch_adam = false;
+  nlohmann::json params = nlohmann::json::object();  // optimizer.params as written ("auto" values dropped)
+};
+
+struct torch_autocast_config {
+  bool enabled = false;
+  std::string dtype;  // "" when omitted (DeepSpeed then passes None: the device default, fp16 on CUDA)
+  std::vector<std::string> lower_precision_safe_modules = {"torch.nn.Linear", "torch.nn.Conv1d", "torch.nn.Conv2d",
+                                                           "torch.nn.Conv3d"};
+};
+
+struct config {
+  bool fp16 = false;
+  bool bf16 = false;
+  bool fp16_master_weights_and_grads = false;
+  bool bf16_master_weights_and_grads = false;
+  bool bf16_optimizer_states = false;
+  bool fp16_auto_cast = false;
+  bool bf16_immediate_grad_update = false;
+  bool amp = false;
+  bool zero_allow_untested_optimizer = false;
+  precision_config precision{};
+  scaler_config scaler{};
+  zero_config zero{};
+  optimizer_config optimizer{};
+  double gradient_clipping = 1.0;  // DeepSpeed's default since 2026-06-23 (0.0 before); <= 0 disables
+  torch_autocast_config torch_autocast{};
+  std::vector<std::string> warnings;
+};
+
+struct parse_result {
+  config cfg;
+  std::vector<std::string> errors;  // each names the key, the value and the fix; empty: cfg is valid
+  bool ok() const noexcept { return errors.empty(); }
+  // All errors, one a line; errc::invalid_argument.
+  status to_status() const {
+    if (errors.empty()) return status::success();
+    std::string m;
+    for (const auto& e : errors) m += (m.empty() ? "" : "\n") + e;
+    return status::invalid(m);
+  }
+};
+
+// DeepSpeed's ZERO_SUPPORTED_OPTIMIZERS as config names: the types DeepSpeed builds for these are on its list.
+inline bool zero_tested_optimizer(const std::string& name) {
+  return name == "adam" || name == "adamw" || name == "adagrad" || name == "lion" || name == "muon";
+}
+inline bool is_one_bit_optimizer(const std::string& name) {
+  return name == "onebitadam" || name == "zerooneadam" || name == "onebitlamb";
+}
+
+namespace detail {
+
+using json = nlohmann::json;
+
+inline std::string lower(std::string s) {
+  for (char& c : s)
+    if (c >= 'A' && c <= 'Z') c = char(c - 'A' + 'a');
+  return s;
+}
+
+inline std::string show(const json& j) {
+  return j.dump();
+}
+
+inline std::string join(const std::string& path, const char* key) {
+  return path.empty() ? key : path + "." + key;
+}
+
+inline std::string show(double v) {
+  json j = v;
+  if (std::isfinite(v) && v == std::floor(v) && std::fabs(v) < 1e15) j = std::int64_t(v);
+  return j.dump();
+}
+
+// Reads the keys of one section, collecting errors; values equal to "auto" count as absent.
+class reader {
+ public:
+  reader(std::vector<std::string>& errors, std::vector<std::string>& warnings) : errors_(errors), warnings_(warnings) {}
+
+  void error(std::string m) { errors_.push_back(std::move(m)); }
+  void warn(std::string m) { warnings_.push_back(std::move(m)); }
+
+  // The section `key` of `parent` (an object), or null when absent. An object is required.
+  const json* section(const json& parent, const std::string& key, const std::string& path) {
+    auto it = parent.find(key);
+    if (it == parent.end() || it->is_null()) return nullptr;
+    if (!it->is_object()) {
+      error(path + ": must be an object, got " + show(*it));
+      return nullptr;
+    }
+    return &*it;
+  }
+
+  const json* value(const json& obj, const char* key) {
+    auto it = obj.find(key);
+    if (it == obj.end() || (it->is_string() && it->get<std::string>() == "auto")) return nullptr;
+    return &*it;
+  }
+
+  // A number: JSON numbers and numeric strings (pydantic's lax mode); not bool, not null.
+  bool number(const json& obj, const char* key, const std::string& path, double& out) {
+    const json* v = value(obj, key);
+    if (!v) return false;
+    if (v->is_number()) {
+      out = v->get<double>();
+      return true;
+    }
+    if (v->is_string()) {
+      const std::string s = v->get<std::string>();
+      char* end = nullptr;
+      const double d = std::strtod(s.c_str(), &end);
+      if (!s.empty() && end == s.c_str() + s.size()) {
+        out = d;
+        return true;
+      }
+    }
+    error(join(path, key) + ": must be a number, got " + show(*v));
+    return false;
+  }
+
+  bool finite_number(const json& obj, const char* key, const std::string& path, double& out) {
+    double d = 0;
+    if (!number(obj, key, path, d)) return false;
+    if (!std::isfinite(d)) {
+      error(join(path, key) + ": must be finite, got " + show(obj.at(key)));
+      return false;
+    }
+    out = d;
+    return true;
+  }
+
+  // An integer: 2.0 is accepted, 0.25 is not (DeepSpeed types these fields int).
+  bool integer(const json& obj, const char* key, const std::string& path, std::int64_t& out) {
+    double d = 0;
+    if (!finite_number(obj, key, path, d)) return false;
+    if (d != std::floor(d) || std::fabs(d) > 9.0e15) {
+      error(join(path, key) + ": must be an integer, got " + show(obj.at(key)));
+      return false;
+    }
+    out = std::int64_t(d);
+    return true;
+  }
+
+  bool boolean(const json& obj, const char* key, const std::string& path, bool& out) {
+    const json* v = value(obj, key);
+    if (!v) return false;
+    if (!v->is_boolean()) {
+      error(join(path, key) + ": must be true or false, got " + show(*v));
+      return false;
+    }
+    out = v->get<bool>();
+    return true;
+  }
+
+  bool string(const json& obj, const char* key, const std::string& path, std::string& out) {
+    const json* v = value(obj, key);
+    if (!v) return false;
+    if (!v->is_string()) {
+      error(join(path, key) + ": must be a string, got " + show(*v));
+      return false;
+    }
+    out = v->get<std::string>();
+    return true;
+  }
+
+  bool size(const json& obj, const char* key, const std::string& path, std::size_t& out) {
+    std::int64_t i = 0;
+    if (!integer(obj, key, path, i)) return false;
+    if (i <= 0) {
+      error(join(path, key) + ": must be > 0, got " + show(obj.at(key)));
+      return false;
+    }
+    out = std::size_t(i);
+    return true;
+  }
+
+  // Unknown keys of a section: errors (strict) or warnings.
+  void check_keys(const json& obj, const std::string& path, const std::set<std::string>& known, bool strict,
+                  const std::set<std::string>& ignored = {}) {
+    for (auto it = obj.begin(); it != obj.end(); ++it) {
+      if (known.count(it.key()) || ignored.count(it.key())) continue;
+      const std::string where = path.empty() ? it.key() : path + "." + it.key();
+      if (strict)
+        error(where + ": unknown key (remove it; DeepSpeed rejects it too)");
+      else
+        warn(where + ": unknown key, ignored");
+    }
+  }
+
+ private:
+  std::vector<std::string>& errors_;
+  std::vector<std::string>& warnings_;
+};
+
+inline bool parse_dtype_name(const std::string& s, dtype& out) {
+  const std::string l = lower(s);
+  if (l == "fp32" || l == "float32" || l == "float" || l == "torch.float32" || l == "torch.float") {
+    out = dtype::fp32;
+  } else if (l == "fp16" || l == "float16" || l == "half" || l == "torch.float16" || l == "torch.half") {
+    out = dtype::fp16;
+  } else if (l == "bf16" || l == "bfloat16" || l == "torch.bfloat16") {
+    out = dtype::bf16;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+inline void read_fp16(reader& r, const json& s, config& c, bool& dynamic_fields_set) {
+  const std::string p = "fp16";
+  r.check_keys(s, p,
+               {"enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
+                "consecutive_hysteresis", "min_loss_scale", "fp16_master_weights_and_grads"},
+               true);
+  r.boolean(s, "enabled", p, c.fp16);
+  r.boolean(s, "auto_cast", p, c.fp16_auto_cast);
+  r.boolean(s, "fp16_master_weights_and_grads", p, c.fp16_master_weights_and_grads);
+
+  double loss_scale = 0;
+  if (r.number(s, "loss_scale", p, loss_scale) && (!std::isfinite(loss_scale) || loss_scale < 0)) {
+    r.error("fp16.loss_scale: must be finite and >= 0 (0 = dynamic scaling, > 0 = a static scale), got " +
+            show(s.at("loss_scale")));
+    loss_scale = 0;
+  }
+  dynamic_scale_args& d = c.scaler.dynamic;
+  std::int64_t power = 16;
+  if (r.integer(s, "initial_scale_power", p, power)) {
+    if (power < -126 || power > 127) {
+      r.error("fp16.initial_scale_power: the initial scale 2^p must be a finite float, p in [-126, 127], got " +
+              std::to_string(power));
+      power = 16;
+    }
+  }
+  d.init_scale = std::ldexp(1.f, int(power));
+  const bool dynamic = c.fp16 && loss_scale == 0;
+  std::int64_t window = 1000;
+  if (r.integer(s, "loss_scale_window", p, window) && window <= 0 && dynamic)
+    r.error("fp16.loss_scale_window: must be > 0 under dynamic loss scaling (fp16.loss_scale 0), got " +
+            std::to_string(window) + "; use e.g. 1000 (the default), or a static fp16.loss_scale");
+  d.scale_window = window;
+  std::int64_t hysteresis = 2;
+  if (r.integer(s, "hysteresis", p, hysteresis)) {
+    if (hysteresis < 0) {
+      r.error("fp16.hysteresis: must be >= 0, got " + std::to_string(hysteresis));
+      hysteresis = 2;
+    }
+  }
+  d.hysteresis = std::int32_t(hysteresis);
+  r.boolean(s, "consecutive_hysteresis", p, d.consecutive_hysteresis);
+  // Settings FP16_Optimizer (no ZeRO) ignores: warned about there.
+  dynamic_fields_set = (s.contains("hysteresis") && d.hysteresis != 1) || d.consecutive_hysteresis;
+  std::int64_t min_scale = 1;
+  if (r.integer(s, "min_loss_scale", p, min_scale) && min_scale <= 0 && dynamic)
+    r.error("fp16.min_loss_scale: must be > 0 under dynamic loss scaling (fp16.loss_scale 0), got " +
+            std::to_string(min_scale) + "; use e.g. 1 (the default), or a static fp16.loss_scale");
+  d.min_scale = float(min_scale);
+  c.scaler.loss_scale = float(loss_scale);
+  if (loss_scale > 0) c.scaler.static_scale = float(loss_scale);
+  c.scaler.kind = !c.fp16 ? scaler_kind::none : dynamic ? scaler_kind::dynamic : scaler_kind::fixed;
+}
+
+inline void read_bf16(reader& r, const json& s, const std::string& p, config& c) {
+  r.check_keys(s, p,
+               {"enabled", "immediate_grad_update", "check_grad_overflow", "bf16_master_weights_and_grads",
+                "bf16_optimizer_states"},
+               true);
+  r.boolean(s, "enabled", p, c.bf16);
+  r.boolean(s, "immediate_grad_update", p, c.bf16_immediate_grad_update);
+  r.boolean(s, "check_grad_overflow", p, c.scaler.check_overflow);
+  r.boolean(s, "bf16_master_weights_and_grads", p, c.bf16_master_weights_and_grads);
+  r.boolean(s, "bf16_optimizer_states", p, c.bf16_optimizer_states);
+}
+
+inline void read_zero(reader& r, const json& s, config& c, bool& bucket_given) {
+  const std::string p = "zero_optimization";
+  // Keys DeepSpeed knows whose effect lies outside the optimizer step (overlap, prefetching, ...): no warning.
+  static const std::set<std::string> ignored = {"contiguous_gradients",
+                                                "overlap_comm",
+                                                "reduce_scatter",
+                                                "allgather_partitions",
+                                                "offload_param",
+                                                "sub_group_size",
+                                                "stage3_prefetch_bucket_size",
+                                                "stage3_param_persistence_threshold",
+                                                "stage3_max_reuse_distance",
+                                                "stage3_gather_16bit_weights_on_model_save",
+                                                "stage3_gather_fp16_weights_on_model_save",
+                                                "round_robin_gradients",
+                                                "elastic_checkpoint",
+                                                "load_from_fp32_weights",
+                                                "ignore_unused_parameters",
+                                                "legacy_stage1",
+                                                "use_multi_rank_bucket_allreduce",
+                                                "zero_hpz_partition_size",
+                                                "zero_quantized_weights",
+                                                "zero_quantized_gradients",
+                                                "memory_efficient_linear",
+                                                "mics_shard_size",
+                                                "mics_hierarchical_params_gather"};
+  r.check_keys(s, p,
+               {"stage", "reduce_bucket_size", "allgather_bucket_size", "stage3_max_live_parameters",
+                "offload_optimizer", "cpu_offload"},
+               false, ignored);
+  std::int64_t stage = 0;
+  if (r.integer(s, "stage", p, stage)) {
+    if (stage < 0 || stage > 3) {
+      r.error("zero_optimization.stage: must be 0, 1, 2 or 3, got " + std::to_string(stage));
+      stage = 0;
+    }
+  }
+  c.zero.stage = int(stage);
+  bucket_given = r.size(s, "reduce_bucket_size", p, c.zero.reduce_bucket_size);
+  r.size(s, "allgather_bucket_size", p, c.zero.allgather_bucket_size);
+  r.size(s, "stage3_max_live_parameters", p, c.zero.stage3_max_live_parameters);
+  bool cpu_offload = false;
+  if (r.boolean(s, "cpu_offload", p, cpu_offload)) {
+    r.warn("zero_optimization.cpu_offload: deprecated; use \"offload_optimizer\": {\"device\": \"cpu\"}");
+    if (cpu_offload) c.zero.offload_optimizer.device = "cpu";
+  }
+  if (const json* o = r.section(s, "offload_optimizer", p + ".offload_optimizer")) {
+    const std::string q = p + ".offload_optimizer";
+    r.check_keys(*o, q, {"device", "pin_memory", "ratio"}, false,
+                 {"nvme_path", "buffer_count", "buffer_size", "max_in_cpu", "fast_init", "pipeline_read",
+                  "pipeline_write", "pipeline"});
+    std::string dev;
+    if (r.string(*o, "device", q, dev)) {
+      if (dev != "none" && dev != "cpu" && dev != "nvme")
+        r.error(q + ".device: must be \"none\", \"cpu\" or \"nvme\", got \"" + dev + "\"");
+      else
+        c.zero.offload_optimizer.device = dev;
+    }
+    r.boolean(*o, "pin_memory", q, c.zero.offload_optimizer.pin_memory);
+    double ratio = 1.0;
+    if (r.finite_number(*o, "ratio", q, ratio)) {
+      if (ratio <= 0 || ratio > 1)
+        r.error(q + ".ratio: must be in (0, 1], got " + show(o->at("ratio")));
+      else
+        c.zero.offload_optimizer.ratio = ratio;
+    }
+  }
+}
+
+// optimizer.params -> the rule's args; unknown parameters are errors (the constructor would reject them).
+inline void read_optimizer_params(reader& r, const json& params, config& c) {
+  optimizer_config& o = c.optimizer;
+  const std::string p = "optimizer.params";
+  auto betas = [&](double& b1, double& b2) {
+    const json* v = r.value(params, "betas");
+    if (!v) return;
+    if (!v->is_array() || v->size() != 2 || !(*v)[0].is_number() || !(*v)[1].is_number()) {
+      r.error(p + ".betas: must be a list of two numbers, e.g. [0.9, 0.999], got " + show(*v));
+      return;
+    }
+    b1 = (*v)[0].get<double>();
+    b2 = (*v)[1].get<double>();
+  };
+  auto num = [&](const char* key, double& out) { r.finite_number(params, key, p, out); };
+  std::set<std::string> known;
+  const std::string& n = o.name;
+  if (n == "adam" || n == "adamw") {
+    known = {"lr", "betas", "eps", "weight_decay", "bias_correction", "amsgrad", "adam_w_mode", "torch_adam"};
+    adam::args& a = o.adam_args;
+    a = adam::args{};
+    a.adam_w_mode = true;  // DeepSpeed: "Adam" means decoupled decay unless adam_w_mode is false
+    r.boolean(params, "torch_adam", p, o.torch_adam);
+    // FusedAdam's weight_decay default is 0; torch.optim.AdamW's (torch_adam) is 0.01.
+    a.weight_decay = (n == "adamw" && o.torch_adam) ? 1e-2 : 0.0;
+    num("lr", a.lr);
+    betas(a.beta1, a.beta2);
+    num("eps", a.eps);
+    num("weight_decay", a.weight_decay);
+    r.boolean(params, "bias_correction", p, a.bias_correction);
+    r.boolean(params, "amsgrad", p, a.amsgrad);
+    if (n == "adamw") {
+      bool mode = true;
+      if (r.boolean(params, "adam_w_mode", p, mode) && !mode)
+        r.warn("optimizer.params.adam_w_mode: false is ignored for AdamW (DeepSpeed forces decoupled decay)");
+    } else {
+      r.boolean(params, "adam_w_mode", p, a.adam_w_mode);
+    }
+    o.name = a.adam_w_mode ? "adamw" : "adam";
+  } else if (n == "sgd") {  // torch.optim.SGD
+    known = {"lr", "momentum", "dampening", "weight_decay", "nesterov"};
+    num("lr", o.sgd_args.lr);
+    num("momentum", o.sgd_args.momentum);
+    num("dampening", o.sgd_args.dampening);
+    num("weight_decay", o.sgd_args.weight_decay);
+    r.boolean(params, "nesterov", p, o.sgd_args.nesterov);
+  } else if (n == "adagrad") {  // torch.optim.Adagrad / DeepSpeedCPUAdagrad
+    known = {"lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"};
+    num("lr", o.adagrad_args.lr);
+    num("lr_decay", o.adagrad_args.lr_decay);
+    num("weight_decay", o.adagrad_args.weight_decay);
+    num("initial_accumulator_value", o.adagrad_args.initial_accumulator_value);
+    num("eps", o.adagrad_args.eps);
+  } else if (n == "lamb") {  // FusedLamb
+    known = {"lr", "betas", "eps", "weight_decay", "bias_correction", "max_coeff", "min_coeff"};
+    o.lamb_args.eps = 1e-8;  // FusedLamb's default (mpopt::lamb's own is 1e-6)
+    num("lr", o.lamb_args.lr);
+    betas(o.lamb_args.beta1, o.lamb_args.beta2);
+    num("eps", o.lamb_args.eps);
+    num("weight_decay", o.lamb_args.weight_decay);
+    r.boolean(params, "bias_correction", p, o.lamb_args.bias_correction);
+    num("max_coeff", o.lamb_args.max_coeff);
+    num("min_coeff", o.lamb_args.min_coeff);
+  } else if (n == "lion") {  // FusedLion / DeepSpeedCPULion
+    known = {"lr", "betas", "weight_decay"};
+    o.lion_args.lr = 1e-3;  // FusedLion's default (mpopt::lion's own is 1e-4, the paper's)
+    num("lr", o.lion_args.lr);
+    betas(o.lion_args.beta1, o.lion_args.beta2);
+    num("weight_decay", o.lion_args.weight_decay);
+  } else {
+    return;  // 1-bit optimizers, Muon: parameters recorded as written, checked when their rules exist
+  }
+  for (auto it = params.begin(); it != params.end(); ++it) {
+    if (known.count(it.key()) || it.key() == "max_grad_norm") continue;
+    r.error(p + "." + it.key() + ": unknown parameter for optimizer \"" + o.type + "\" (known: " + [&] {
+      std::string k;
+      for (const auto& s : known) k += (k.empty() ? "" : ", ") + s;
+      return k;
+    }() + ")");
+  }
+}
+
+inline void read_optimizer(reader& r, const json& s, config& c) {
+  r.check_keys(s, "optimizer", {"type", "params", "legacy_fusion"}, true);
+  optimizer_config& o = c.optimizer;
+  if (!r.string(s, "type", "optimizer", o.type)) {
+    r.error("optimizer.type: missing; set e.g. \"type\": \"AdamW\", or remove the optimizer section");
+    return;
+  }
+  static const std::set<std::string> names = {"adam", "adamw",      "sgd",         "adagrad",    "lamb",
+                                              "lion", "onebitadam", "zerooneadam", "onebitlamb", "muon"};
+  const std::string n = lower(o.type);
+  if (!names.count(n)) {
+    r.error("optimizer.type: unknown optimizer \"" + o.type +
+            "\"; mpopt reads Adam, AdamW, SGD, Adagrad, Lamb, Lion, OneBitAdam, ZeroOneAdam, OneBitLamb, Muon");
+    return;
+  }
+  o.name = n;
+  json params = json::object();
+  if (const json* ps = r.section(s, "params", "optimizer.params")) {
+    for (auto it = ps->begin(); it != ps->end(); ++it)
+      if (!(it->is_string() && it->get<std::string>() == "auto")) params[it.key()] = *it;
+  }
+  o.params = params;
+  if (params.contains("max_grad_norm"))
+    r.error("optimizer.params.max_grad_norm: not accepted (got " + show(params["max_grad_norm"]) +
+            "); set the top-level \"gradient_clipping\": " + show(params["max_grad_norm"]) +
+            " instead (DeepSpeed also rejects it when it builds the optimizer)");
+  read_optimizer_params(r, params, c);
+}
+
+inline void read_torch_autocast(reader& r, const json& s, config& c) {
+  const std::string p = "torch_autocast";
+  r.check_keys(s, p, {"enabled", "dtype", "lower_precision_safe_modules"}, true);
+  torch_autocast_config& t = c.torch_autocast;
+  r.boolean(s, "enabled", p, t.enabled);
+  std::string name;
+  if (r.string(s, "dtype", p, name)) {
+    dtype d{};
+    if (!parse_dtype_name(name, d) || d == dtype::fp32)
+      r.error(
+          "torch_autocast.dtype: must be a 16-bit type (\"bfloat16\", \"bf16\", \"float16\", \"fp16\", "
+          "\"half\", ...), got \"" +
+          name + "\"");
+    else
+      t.dtype = dtype_name(d);
+  }
+  if (const json* m = r.value(s, "lower_precision_safe_modules")) {
+    if (!m->is_array()) {
+      r.error("torch_autocast.lower_precision_safe_modules: must be a list of class names, got " + show(*m));
+    } else {
+      t.lower_precision_safe_modules.clear();
+      for (const json& e : *m) {
+        if (!e.is_string())
+          r.error("torch_autocast.lower_precision_safe_modules: entries must be strings, got " + show(e));
+        else
+          t.lower_precision_safe_modules.push_back(e.get<std::string>());
+      }
+    }
+  }
+  if (t.enabled && t.dtype.empty())
+    r.warn(
+        "torch_autocast.dtype: not set; DeepSpeed then autocasts to the device default (fp16 on CUDA), not the "
+        "documented bfloat16. Set it explicitly");
+}
+
+// The cross-section rules (DeepSpeed config.py, engine.py sanity checks, base_optimizer master-weight checks).
+inline void check_rules(reader& r, config& c, bool dynamic_fields_set) {
+  const int stage = c.zero.stage;
+  const std::string& n = c.optimizer.name;
+  if (c.fp16 && c.bf16)
+    r.error("fp16.enabled and bf16.enabled: both true; DeepSpeed cannot run both modes. Set one of them to false");
+  if (c.amp) {
+    if (stage > 0)
+      r.error("amp.enabled: AMP is not compatible with zero_optimization.stage " + std::to_string(stage) +
+              "; use \"fp16\": {\"enabled\": true} instead (DeepSpeed's native fp16 replaces AMP O2), or ZeRO stage 0");
+    else
+      r.error(
+          "amp.enabled: apex AMP is not supported by mpopt; use \"fp16\": {\"enabled\": true} (fp16 params with "
+          "an fp32 master and dynamic loss scaling, what AMP O2 does)");
+  }
+  if (stage > 0 && !n.empty() && !zero_tested_optimizer(n) && !is_one_bit_optimizer(n)) {
+    if (c.zero_allow_untested_optimizer)
+      r.warn("optimizer.type: \"" + c.optimizer.type +
+             "\" is not in DeepSpeed's tested ZeRO optimizers (Adam, AdamW, "
+             "Adagrad, Lion, Muon); running it with zero_optimization.stage " +
+             std::to_string(stage) + " because zero_allow_untested_optimizer is true");
+    else
+      r.error("optimizer.type: \"" + c.optimizer.type +
+              "\" is not in DeepSpeed's tested ZeRO optimizers (Adam, AdamW, "
+              "Adagrad, Lion, Muon) at zero_optimization.stage " +
+              std::to_string(stage) + "; set \"zero_allow_untested_optimizer\": true to run it anyway");
+  }
+  if (is_one_bit_optimizer(n)) {
+    if (stage > 0)
+      r.error("optimizer.type: \"" + c.optimizer.type + "\" is not compatible with ZeRO (zero_optimization.stage " +
+              std::to_string(stage) + "); use zero_optimization.stage 0");
+    if (!c.fp16)
+      r.warn("optimizer.type: the convergence of 1-bit Adam / 0/1 Adam / 1-bit Lamb (\"" + c.optimizer.type +
+             "\") is only verified under fp16; consider \"fp16\": {\"enabled\": true}");
+  }
+  if ((n == "lamb" || n == "onebitlamb") && c.scaler.loss_scale != 0)
+    r.error("fp16.loss_scale: optimizer \"" + c.optimizer.type + "\" requires dynamic loss scaling; set " +
+            "fp16.loss_scale to 0, got " + show(double(c.scaler.loss_scale)));
+  // Master-weight modes (DeepSpeed #7700).
+  if (c.fp16_master_weights_and_grads && c.bf16_master_weights_and_grads)
+    r.error(
+        "fp16.fp16_master_weights_and_grads and bf16.bf16_master_weights_and_grads: both true; they are mutually "
+        "exclusive, set one to false");
+  if (c.bf16_optimizer_states && !c.bf16_master_weights_and_grads)
+    r.error(
+        "bf16.bf16_optimizer_states: requires bf16.bf16_master_weights_and_grads to be enabled (bf16 states "
+        "follow a bf16 master); set it true, or bf16_optimizer_states false");
+  const char* stage0 = " is only supported with ZeRO stage 1, 2 or 3; set zero_optimization.stage, or the flag false";
+  if (stage == 0) {
+    if (c.fp16_master_weights_and_grads) r.error(std::string("fp16.fp16_master_weights_and_grads: true") + stage0);
+    if (c.bf16_master_weights_and_grads) r.error(std::string("bf16.bf16_master_weights_and_grads: true") + stage0);
+    if (c.bf16_optimizer_states) r.error(std::string("bf16.bf16_optimizer_states: true") + stage0);
+  }
+  if (c.fp16_master_weights_and_grads && !c.fp16)
+    r.error("fp16.fp16_master_weights_and_grads: requires fp16.enabled true (an fp16 master needs fp16 params)");
+  if (c.bf16_master_weights_and_grads && !c.bf16)
+    r.error("bf16.bf16_master_weights_and_grads: requires bf16.enabled true (a bf16 master needs bf16 params)");
+  const bool offloaded = c.zero.offload_optimizer.device != "none";
+  if ((c.fp16_master_weights_and_grads || (c.bf16_master_weights_and_grads && !c.bf16_optimizer_states)) && !offloaded)
+    r.warn(std::string(c.fp16_master_weights_and_grads ? "fp16.fp16_master_weights_and_grads"
+                                                       : "bf16.bf16_master_weights_and_grads") +
+           ": DeepSpeed requires offload_optimizer.device cpu with DeepSpeedCPUAdam for this mode; mpopt runs it "
+           "with fp32 optimizer states without offload");
+  if (c.zero.offload_optimizer.ratio < 1 && stage != 3)
+    r.error("zero_optimization.offload_optimizer.ratio: partial offload (" + show(c.zero.offload_optimizer.ratio) +
+            ") needs zero_optimization.stage 3, got stage " + std::to_string(stage));
+  if (c.fp16 && c.scaler.kind == scaler_kind::dynamic && stage == 0 && dynamic_fields_set)
+    r.warn(
+        "fp16.hysteresis / fp16.consecutive_hysteresis: ignored without ZeRO (DeepSpeed's FP16_Optimizer backs "
+        "off on every overflow); effective hysteresis 1");
+  if (c.gradient_clipping < 0)
+    r.error("gradient_clipping: must be >= 0 (0 disables clipping), got " + show(c.gradient_clipping));
+}
+
+}  // namespace detail
+
+// Reads and validates a DeepSpeed config. Never throws for bad input: the errors are listed in the result.
+inline parse_result parse_config(const nlohmann::json& j) {
+  using detail::json;
+  parse_result res;
+  config& c = res.cfg;
+  detail::reader r(res.errors, c.warnings);
+  if (!j.is_object()) {
+    r.error("the DeepSpeed config must be a JSON object, got " + detail::show(j));
+    return res;
+  }
+  // Top-level keys DeepSpeed knows that do not concern the optimizer step: accepted silently.
+  static const std::set<std::string> ignored = {"train_batch_size",
+                                                "train_micro_batch_size_per_gpu",
+                                                "gradient_accumulation_steps",
+                                                "steps_per_print",
+                                                "wall_clock_breakdown",
+                                                "scheduler",
+                                                "communication_data_type",
+                                                "prescale_gradients",
+                                                "gradient_predivide_factor",
+                                                "sparse_gradients",
+                                                "zero_force_ds_cpu_optimizer",
+                                                "gradient_allreduce_op",
+                                                "seq_parallel_communication_data_type",
+                                                "dump_state",
+                                                "activation_checkpointing",
+                                                "flops_profiler",
+                                                "tensorboard",
+                                                "wandb",
+                                                "csv_monitor",
+                                                "comms_logger",
+                                                "checkpoint",
+                                                "aio",
+                                                "elasticity",
+                                                "memory_breakdown",
+                                                "pipeline",
+                                                "compression_training",
+                                                "data_efficiency",
+                                                "autotuning",
+                                                "disable_allgather",
+                                                "sparse_attention",
+                                                "curriculum_learning",
+                                                "quantize_training"};
+  r.check_keys(j, "",
+               {"fp16", "bf16", "bfloat16", "zero_optimization", "optimizer", "gradient_clipping", "amp",
+                "zero_allow_untested_optimizer", "data_types", "torch_autocast"},
+               false, ignored);
+
+  bool dynamic_fields_set = false;
+  if (const json* s = r.section(j, "fp16", "fp16")) detail::read_fp16(r, *s, c, dynamic_fields_set);
+  if (j.contains("bf16") && j.contains("bfloat16"))
+    r.error("bfloat16: the legacy name of the bf16 section; give only \"bf16\"");
+  if (const json* s = r.section(j, "bf16", "bf16")) detail::read_bf16(r, *s, "bf16", c);
+  if (const json* s = r.section(j, "bfloat16", "bfloat16")) detail::read_bf16(r, *s, "bfloat16", c);
+  bool bucket_given = false;
+  if (const json* s = r.section(j, "zero_optimization", "zero_optimization")) detail::read_zero(r, *s, c, bucket_given);
+  if (bucket_given) c.zero.bucket_elements = c.zero.reduce_bucket_size;
+  if (const json* s = r.section(j, "amp", "amp")) r.boolean(*s, "enabled", "amp", c.amp);  // other keys go to apex
+  r.boolean(j, "zero_allow_untested_optimizer", "", c.zero_allow_untested_optimizer);
+  {
+    double clip = 1.0;
+    if (r.finite_number(j, "gradient_clipping", "", clip)) c.gradient_clipping = clip;
+  }
+  if (const json* s = r.section(j, "torch_autocast", "torch_autocast")) detail::read_torch_autocast(r, *s, c);
+
+  // Precision roles.
+  const dtype model = c.fp16 ? dtype::fp16 : c.bf16 ? dtype::bf16 : dtype::fp32;
+  precision_config& p = c.precision;
+  p.param = p.grad = p.grad_accum = model;
+  p.master = c.fp16_master_weights_and_grads   ? dtype::fp16
+             : c.bf16_master_weights_and_grads ? dtype::bf16
+                                               : dtype::fp32;
+  p.state = c.bf16_optimizer_states ? dtype::bf16 : dtype::fp32;
+  if (const json* s = r.section(j, "data_types", "data_types")) {
+    r.check_keys(*s, "data_types", {"grad_accum_dtype", "param_dtype", "buffer_dtype"}, true);
+    for (const char* key : {"grad_accum_dtype", "param_dtype", "buffer_dtype"}) {
+      std::string name;
+      if (!r.string(*s, key, "data_types", name)) continue;
+      dtype d{};
+      if (!detail::parse_dtype_name(name, d)) {
+        r.error(std::string("data_types.") + key + ": must be \"fp32\", \"fp16\" or \"bf16\", got \"" + name + "\"");
+        continue;
+      }
+      if (std::string(key) == "grad_accum_dtype") {
+        p.grad_accum = d;
+        if (c.zero.stage == 0 && d != model)
+          r.error(std::string("data_types.grad_accum_dtype: \"") + name + "\" differs from the model dtype " +
+                  dtype_name(model) + "; without ZeRO DeepSpeed accumulates in the model dtype. Remove it, or use " +
+                  "ZeRO stage 1-3");
+      } else if (std::string(key) == "param_dtype" && d != model) {
+        r.error(std::string("data_types.param_dtype: \"") + name + "\" conflicts with the model dtype " +
+                dtype_name(model) + " set by fp16/bf16.enabled; remove it or make it " + dtype_name(model));
+      }
+    }
+  }
+
+  if (const json* s = r.section(j, "optimizer", "optimizer")) detail::read_optimizer(r, *s, c);
+
+  // The scaler: DeepSpeed's ZeRO DynamicLossScaler, or without ZeRO FP16_Optimizer's inline update (no hysteresis,
+  // clamps at the minimum instead of raising).
+  if (c.scaler.kind == scaler_kind::dynamic && c.zero.stage == 0) {
+    c.scaler.dynamic.hysteresis = 1;
+    c.scaler.dynamic.consecutive_hysteresis = false;
+    c.scaler.dynamic.error_at_min = false;
+  }
+  detail::check_rules(r, c, dynamic_fields_set);
+
+  // The library's own checks, for what the key rules above did not cover (e.g. initial scale below the minimum).
+  if (res.errors.empty()) {
+    if (c.scaler.kind == scaler_kind::dynamic) {
+      const status s = validate(c.scaler.dynamic);
+      if (!s.ok()) r.error("fp16: " + s.message);
+    }
+    const optimizer_config& o = c.optimizer;
+    status s;
+    if (o.name == "adam" || o.name == "adamw")
+      s = adam::validate(o.adam_args);
+    else if (o.name == "sgd")
+      s = sgd::validate(o.sgd_args);
+    else if (o.name == "adagrad")
+      s = adagrad::validate(o.adagrad_args);
+    else if (o.name == "lamb")
+      s = lamb::validate(o.lamb_args);
+    else if (o.name == "lion")
+      s = lion::validate(o.lion_args);
+    if (!s.ok()) r.error("optimizer.params: " + s.message);
+  }
+  return res;
+}
+
+// parse_config, throwing mpopt::error (all errors, one a line) when the config is invalid.
+inline config load_config(const nlohmann::json& j) {
+  parse_result r = parse_config(j);
+  throw_if_error(r.to_status());
+  return std::move(r.cfg);
+}
+
+// The resolved configuration: every setting with its effective value.
+inline nlohmann::json to_json(const config& c) {
+  using detail::json;
+  json j;
+  const precision_config& p = c.precision;
+  j["precision"] = {{"param", dtype_name(p.param)},
+                    {"master", dtype_name(p.master)},
+                    {"grad", dtype_name(p.grad)},
+                    {"state", dtype_name(p.state)},
+                    {"grad_accum", dtype_name(p.grad_accum)}};
+  j["modes"] = {{"fp16", c.fp16},
+                {"bf16", c.bf16},
+                {"fp16_auto_cast", c.fp16_auto_cast},
+                {"bf16_immediate_grad_update", c.bf16_immediate_grad_update},
+                {"fp16_master_weights_and_grads", c.fp16_master_weights_and_grads},
+                {"bf16_master_weights_and_grads", c.bf16_master_weights_and_grads},
+                {"bf16_optimizer_states", c.bf16_optimizer_states},
+                {"amp", c.amp}};
+  json s = {{"kind", to_string(c.scaler.kind)}};
+  if (c.scaler.kind == scaler_kind::dynamic) {
+    const dynamic_scale_args& d = c.scaler.dynamic;
+    s["init_scale"] = d.init_scale;
+    s["scale_window"] = d.scale_window;
+    s["hysteresis"] = d.hysteresis;
+    s["consecutive_hysteresis"] = d.consecutive_hysteresis;
+    s["min_scale"] = d.min_scale;
+    s["growth_factor"] = d.growth_factor;
+    s["backoff_factor"] = d.backoff_factor;
+    s["error_at_min"] = d.error_at_min;
+  } else if (c.scaler.kind == scaler_kind::fixed) {
+    s["scale"] = c.scaler.static_scale;
+  } else {
+    s["check_overflow"] = c.scaler.check_overflow;
+  }
+  j["scaler"] = s;
+  j["zero_stage"] = c.zero.stage;
+  j["zero"] = {{"stage", c.zero.stage},
+               {"reduce_bucket_size", c.zero.reduce_bucket_size},
+               {"allgather_bucket_size", c.zero.allgather_bucket_size},
+               {"stage3_max_live_parameters", c.zero.stage3_max_live_parameters},
+               {"bucket_elements", c.zero.bucket_elements},
+               {"offload_optimizer",
+                {{"device", c.zero.offload_optimizer.device},
+                 {"pin_memory", c.zero.offload_optimizer.pin_memory},
+                 {"ratio", c.zero.offload_optimizer.ratio}}}};
+  j["zero_allow_untested_optimizer"] = c.zero_allow_untested_optimizer;
+  const optimizer_config& o = c.optimizer;
+  json opt = {{"type", o.type.empty() ? json(nullptr) : json(o.type)}, {"name", o.name}};
+  if (o.name == "adam" || o.name == "adamw") {
+    opt.update({{"lr", o.adam_args.lr},
+                {"betas", {o.adam_args.beta1, o.adam_args.beta2}},
+                {"eps", o.adam_args.eps},
+                {"weight_decay", o.adam_args.weight_decay},
+                {"adam_w_mode", o.adam_args.adam_w_mode},
+                {"amsgrad", o.adam_args.amsgrad},
+                {"bias_correction", o.adam_args.bias_correction},
+                {"torch_adam", o.torch_adam}});
+  } else if (o.name == "sgd") {
+    opt.update({{"lr", o.sgd_args.lr},
+                {"momentum", o.sgd_args.momentum},
+                {"dampening", o.sgd_args.dampening},
+                {"weight_decay", o.sgd_args.weight_decay},
+                {"nesterov", o.sgd_args.nesterov}});
+  } else if (o.name == "adagrad") {
+    opt.update({{"lr", o.adagrad_args.lr},
+                {"lr_decay", o.adagrad_args.lr_decay},
+                {"weight_decay", o.adagrad_args.weight_decay},
+                {"initial_accumulator_value", o.adagrad_args.initial_accumulator_value},
+                {"eps", o.adagrad_args.eps}});
+  } else if (o.name == "lamb") {
+    opt.update({{"lr", o.lamb_args.lr},
+                {"betas", {o.lamb_args.beta1, o.lamb_args.beta2}},
+                {"eps", o.lamb_args.eps},
+                {"weight_decay", o.lamb_args.weight_decay},
+                {"bias_correction", o.lamb_args.bias_correction},
+                {"max_coeff", o.lamb_args.max_coeff},
+                {"min_coeff", o.lamb_args.min_coeff}});
+  } else if (o.name == "lion") {
+    opt.update({{"lr", o.lion_args.lr},
+                {"betas", {o.lion_args.beta1, o.lion_args.beta2}},
+                {"weight_decay", o.lion_args.weight_decay}});
+  } else if (!o.name.empty()) {
+    opt["params"] = o.params;  // no rule in this build yet: as written
+  }
+  j["optimizer"] = opt;
+  j["gradient_clipping"] = c.gradient_clipping;
+  j["torch_autocast"] = {{"enabled", c.torch_autocast.enabled},
+                         {"dtype", c.torch_autocast.dtype.empty() ? json(nullptr) : json(c.torch_autocast.dtype)},
+                         {"lower_precision_safe_modules", c.torch_autocast.lower_precision_safe_modules}};
+  j["warnings"] = c.warnings;
+  return j;
+}
+
+}  // namespace mpopt::deepspeed

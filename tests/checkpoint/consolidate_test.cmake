@@ -1,0 +1,23 @@
+# The mpopt-consolidate ctest: FIXTURE (a ;-list command) writes a sharded checkpoint into $MPOPT_CHECKPOINT_FIXTURE,
+# TOOL consolidates it (fp32 with states, and bf16), and, where PYTHON is set, CHECKER verifies both files
+# independently of the library (check_checkpoint.py).
+file(REMOVE_RECURSE "${WORK_DIR}")
+file(MAKE_DIRECTORY "${WORK_DIR}")
+set(ckpt "${WORK_DIR}/ckpt")
+function(run_ok)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE code OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT code STREQUAL "0")
+    message(FATAL_ERROR "failed (${code}): ${ARGN}\nstdout: ${out}\nstderr: ${err}")
+  endif()
+  message(STATUS "${out}")
+endfunction()
+run_ok(${CMAKE_COMMAND} -E env "MPOPT_CHECKPOINT_FIXTURE=${ckpt}" ${FIXTURE})
+if(NOT EXISTS "${ckpt}/index.json")
+  message(FATAL_ERROR "the fixture wrote no ${ckpt}/index.json")
+endif()
+run_ok("${TOOL}" "${ckpt}" "${WORK_DIR}/full.safetensors" --states)
+run_ok("${TOOL}" "${ckpt}" "${WORK_DIR}/full_bf16.safetensors" --dtype bf16)
+if(PYTHON)
+  run_ok("${PYTHON}" "${CHECKER}" "${TOOL}" "${ckpt}" "${WORK_DIR}/full.safetensors" "${WORK_DIR}/full_bf16.safetensors")
+endif()
+file(REMOVE_RECURSE "${WORK_DIR}")

@@ -1,0 +1,28 @@
+# ctest conformance_cli.config.*: runs `TOOL config CONFIG` and fails unless it exits with EXPECT_EXIT and every
+# regex of the list EXPECT matches (stdout for exit 0, stderr otherwise). EXPECT_STDERR: regexes stderr must match
+# whatever the exit (warnings are printed there too).
+#   cmake -DTOOL=... -DCONFIG=... -DEXPECT_EXIT=0|2 "-DEXPECT=re1;re2" ["-DEXPECT_STDERR=re3"] -P config_cli_test.cmake
+execute_process(COMMAND "${TOOL}" config "${CONFIG}" RESULT_VARIABLE code OUTPUT_VARIABLE out ERROR_VARIABLE err)
+if(NOT code STREQUAL EXPECT_EXIT)
+  message(FATAL_ERROR "exit ${code}, expected ${EXPECT_EXIT}\nstdout: ${out}\nstderr: ${err}")
+endif()
+if(EXPECT_EXIT STREQUAL "0")
+  set(text "${out}")
+else()
+  set(text "${err}")
+  if(NOT out STREQUAL "")
+    message(FATAL_ERROR "a failing config printed on stdout: ${out}")
+  endif()
+endif()
+foreach(re IN LISTS EXPECT)
+  if(NOT text MATCHES "${re}")
+    message(FATAL_ERROR "output does not match '${re}'\nstdout: ${out}\nstderr: ${err}")
+  endif()
+endforeach()
+foreach(re IN LISTS EXPECT_STDERR)
+  if(NOT err MATCHES "${re}")
+    message(FATAL_ERROR "stderr does not match '${re}'\nstderr: ${err}")
+  endif()
+endforeach()
+list(LENGTH EXPECT n)
+message(STATUS "ok: exit ${code}, ${n} patterns matched")
