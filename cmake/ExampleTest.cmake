@@ -4,24 +4,14 @@
 # PASS_REGULAR_EXPRESSION.
 #   cmake -DEXAMPLE_DIR=... -DPROGRAM=name -DMPOPT_SOURCE_DIR=... -DWORK_DIR=... -DGENERATOR=... -DCXX_COMPILER=...
 #         [-DRUN_PREFIX=a;b] -P ExampleTest.cmake
-foreach(var EXAMPLE_DIR PROGRAM MPOPT_SOURCE_DIR WORK_DIR GENERATOR CXX_COMPILER)
-  if(NOT DEFINED ${var})
-    message(FATAL_ERROR "ExampleTest.cmake: -D${var}=... is required")
-  endif()
-endforeach()
-
-function(run what)
-  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE out)
-  if(NOT rc EQUAL 0)
-    message(NOTICE "${out}")
-    message(FATAL_ERROR "example ${EXAMPLE_DIR}: ${what} failed (${rc})")
-  endif()
-endfunction()
+include("${CMAKE_CURRENT_LIST_DIR}/ScriptCommon.cmake")
+mpopt_require(ExampleTest.cmake EXAMPLE_DIR PROGRAM MPOPT_SOURCE_DIR WORK_DIR GENERATOR CXX_COMPILER)
 
 # The build directory is kept between runs: a rerun only rebuilds what changed.
-run("configuring" "${CMAKE_COMMAND}" -S "${EXAMPLE_DIR}" -B "${WORK_DIR}" -G "${GENERATOR}"
-    "-DCMAKE_CXX_COMPILER=${CXX_COMPILER}" -DCMAKE_BUILD_TYPE=Release "-DMPOPT_SOURCE_DIR=${MPOPT_SOURCE_DIR}")
-run("building" "${CMAKE_COMMAND}" --build "${WORK_DIR}")
+mpopt_run("example ${EXAMPLE_DIR}" "configuring" "${CMAKE_COMMAND}" -S "${EXAMPLE_DIR}" -B "${WORK_DIR}"
+          -G "${GENERATOR}" "-DCMAKE_CXX_COMPILER=${CXX_COMPILER}" -DCMAKE_BUILD_TYPE=Release
+          "-DMPOPT_SOURCE_DIR=${MPOPT_SOURCE_DIR}")
+mpopt_run("example ${EXAMPLE_DIR}" "building" "${CMAKE_COMMAND}" --build "${WORK_DIR}")
 execute_process(COMMAND ${RUN_PREFIX} "${WORK_DIR}/${PROGRAM}" RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE out)
 message("${out}")
 if(NOT rc EQUAL 0)

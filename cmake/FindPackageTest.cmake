@@ -3,25 +3,15 @@
 # mpopt::mpopt, and runs it.
 #   cmake -DMPOPT_BINARY_DIR=... -DWORK_DIR=... -DGENERATOR=... -DCXX_COMPILER=... -DMPOPT_VERSION=...
 #         -P FindPackageTest.cmake
-foreach(var MPOPT_BINARY_DIR WORK_DIR GENERATOR CXX_COMPILER MPOPT_VERSION)
-  if(NOT DEFINED ${var})
-    message(FATAL_ERROR "FindPackageTest.cmake: -D${var}=... is required")
-  endif()
-endforeach()
-
-function(run what)
-  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE out)
-  if(NOT rc EQUAL 0)
-    message(NOTICE "${out}")
-    message(FATAL_ERROR "packaging test: ${what} failed (${rc})")
-  endif()
-endfunction()
+include("${CMAKE_CURRENT_LIST_DIR}/ScriptCommon.cmake")
+mpopt_require(FindPackageTest.cmake MPOPT_BINARY_DIR WORK_DIR GENERATOR CXX_COMPILER MPOPT_VERSION)
 
 file(REMOVE_RECURSE "${WORK_DIR}")
 set(prefix "${WORK_DIR}/prefix")
 set(src "${WORK_DIR}/consumer")
 # Only the library's component: the test needs no tool to have been built.
-run("cmake --install" "${CMAKE_COMMAND}" --install "${MPOPT_BINARY_DIR}" --prefix "${prefix}" --component mpopt)
+mpopt_run("packaging test" "cmake --install" "${CMAKE_COMMAND}" --install "${MPOPT_BINARY_DIR}" --prefix "${prefix}"
+          --component mpopt)
 
 file(WRITE "${src}/CMakeLists.txt" "cmake_minimum_required(VERSION 3.25)
 project(mpopt_consumer LANGUAGES CXX)
@@ -42,8 +32,6 @@ static_assert(MPOPT_VERSION_MAJOR * 10000 + MPOPT_VERSION_MINOR * 100 + MPOPT_VE
 int main() { return float(mpopt::convert<mpopt::bf16_t>(1.0f)) == 1.0f ? 0 : 1; }
 ]=])
 
-run("configuring the consumer" "${CMAKE_COMMAND}" -S "${src}" -B "${WORK_DIR}/build" -G "${GENERATOR}"
-    "-DCMAKE_CXX_COMPILER=${CXX_COMPILER}" "-DCMAKE_PREFIX_PATH=${prefix}" -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF)
-run("building the consumer" "${CMAKE_COMMAND}" --build "${WORK_DIR}/build")
-run("running the consumer" "${WORK_DIR}/build/consumer")
+mpopt_build_and_run_consumer("packaging test" "${src}" "${WORK_DIR}/build" "-DCMAKE_PREFIX_PATH=${prefix}"
+                              -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF)
 message(STATUS "find_package(mpopt ${MPOPT_VERSION}) from ${prefix}: configured, built and ran a consumer")

@@ -4,19 +4,8 @@
 # off in a subproject (the defaults when it is not the top-level project); the consumer checks that.
 #   cmake -DMODE=add_subdirectory|fetchcontent -DMPOPT_SOURCE_DIR=... -DWORK_DIR=... -DGENERATOR=...
 #         -DCXX_COMPILER=... -P SubprojectTest.cmake
-foreach(var MODE MPOPT_SOURCE_DIR WORK_DIR GENERATOR CXX_COMPILER)
-  if(NOT DEFINED ${var})
-    message(FATAL_ERROR "SubprojectTest.cmake: -D${var}=... is required")
-  endif()
-endforeach()
-
-function(run what)
-  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE out)
-  if(NOT rc EQUAL 0)
-    message(NOTICE "${out}")
-    message(FATAL_ERROR "packaging test (${MODE}): ${what} failed (${rc})")
-  endif()
-endfunction()
+include("${CMAKE_CURRENT_LIST_DIR}/ScriptCommon.cmake")
+mpopt_require(SubprojectTest.cmake MODE MPOPT_SOURCE_DIR WORK_DIR GENERATOR CXX_COMPILER)
 
 file(REMOVE_RECURSE "${WORK_DIR}")
 set(src "${WORK_DIR}/consumer")
@@ -67,8 +56,5 @@ int main() {
 }
 ]=])
 
-run("configuring the consumer" "${CMAKE_COMMAND}" -S "${src}" -B "${WORK_DIR}/build" -G "${GENERATOR}"
-    "-DCMAKE_CXX_COMPILER=${CXX_COMPILER}" -DCMAKE_BUILD_TYPE=Release)
-run("building the consumer" "${CMAKE_COMMAND}" --build "${WORK_DIR}/build")
-run("running the consumer" "${WORK_DIR}/build/consumer")
+mpopt_build_and_run_consumer("packaging test (${MODE})" "${src}" "${WORK_DIR}/build" -DCMAKE_BUILD_TYPE=Release)
 message(STATUS "${MODE}: configured, built and ran a consumer of mpopt::mpopt")

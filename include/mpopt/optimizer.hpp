@@ -490,16 +490,15 @@ class optimizer {
     int num_states = 0;
     zero::partition reduce_part;              // how grads are reduce-scattered (stage 0: over all ranks)
     std::vector<zero::segment> all_segments;  // per-tensor rules: the group's grid segments
-    std::vector<std::size_t> segment_counts;  // per rank: how many of them it owns
     std::vector<zero::segment> my_segments;   // this rank's run of all_segments (first_segment onwards)
     std::size_t first_segment = 0;
     std::vector<std::size_t> block_counts;  // per rank: grad-statistics blocks it owns
     // Step workspace, sized at construction so that a step allocates nothing.
-    std::vector<double> stat_partials;     // one per statistics block of the group
-    std::vector<double> segment_partials;  // 2 per segment: |w|^2, |u|^2
-    std::vector<std::size_t> segment_counts2;
-    std::vector<double> tensor_sums;     // 2 per tensor
-    std::vector<compute_t> trust_ratio;  // 1 per tensor
+    std::vector<double> stat_partials;                // one per statistics block of the group
+    std::vector<double> segment_partials;             // 2 per segment: |w|^2, |u|^2
+    std::vector<std::size_t> segment_partial_counts;  // per rank: 2 per segment it owns
+    std::vector<double> tensor_sums;                  // 2 per tensor
+    std::vector<compute_t> trust_ratio;               // 1 per tensor
 
     param_t* local_params() { return param_shard.size() > 0 ? param_shard.data() : spec.params + local.begin; }
     master_t* master() {
@@ -606,7 +605,7 @@ class optimizer {
       const zero::range o = grp.part.owned(q);
       grp.block_counts.push_back((o.size() + host::reduce_block - 1) / host::reduce_block);
       if constexpr (Rule::per_tensor)
-        grp.segment_counts.push_back(zero::grid_segments(o, grp.offsets, host::reduce_block).size());
+        grp.segment_partial_counts.push_back(2 * zero::grid_segments(o, grp.offsets, host::reduce_block).size());
     }
     grp.reduce_part = zero::make_partition(spec.size, world_);
     std::size_t blocks = 0;
@@ -614,13 +613,11 @@ class optimizer {
     grp.stat_partials.resize(blocks);
     if constexpr (Rule::per_tensor) {
       grp.all_segments = zero::grid_segments(zero::range{0, spec.size}, grp.offsets, host::reduce_block);
-      const bool split = zero_.stage >= 1 && world_ > 1;
-      for (int q = 0; q < rank_ && split; ++q) grp.first_segment += grp.segment_counts[std::size_t(q)];
-      const std::size_t mine = split ? grp.segment_counts[std::size_t(rank_)] : grp.all_segments.size();
+      for (int q = 0; q < rank_ && sharded(); ++q) grp.first_segment += grp.segment_partial_counts[std::size_t(q)] / 2;
+      const std::size_t mine = sharded() ? grp.segment_partial_counts[std::size_t(rank_)] / 2 : grp.all_segments.size();
       grp.my_segments.assign(grp.all_segments.begin() + std::ptrdiff_t(grp.first_segment),
                              grp.all_segments.begin() + std::ptrdiff_t(grp.first_segment + mine));
       grp.segment_partials.resize(2 * grp.all_segments.size());
-      for (std::size_t c : grp.segment_counts) grp.segment_counts2.push_back(2 * c);
       grp.tensor_sums.resize(2 * (grp.offsets.size() - 1));
       grp.trust_ratio.resize(grp.offsets.size() - 1);
     }
@@ -711,7 +708,7 @@ class optimizer {
       double* partial = grp.segment_partials.data();
       host::per_tensor_partials<Rule, Prec>(v, k, grp.my_segments, grp.local.begin, factor,
                                             partial + 2 * grp.first_segment);
-      if (sharded()) comm_->all_gather(partial, grp.segment_counts2);
+      if (sharded()) comm_->all_gather(partial, grp.segment_partial_counts);
       host::trust_ratios<Rule>(k, grp.all_segments, partial, grp.offsets.size() - 1, grp.tensor_sums.data(),
                                grp.trust_ratio.data());
       host::per_tensor_apply<Rule, Prec>(v, k, grp.my_segments, grp.local.begin, grp.trust_ratio.data());

@@ -1,7 +1,8 @@
 // The fused update: one pass that reads grad, master and states and writes master, states and the low-precision
 // param copy, for every elementwise rule and precision policy; LAMB's two phases and per-tensor trust ratios. The
-// per-element arithmetic is host::detail::elementwise_range's (and update_per_tensor's), step for step: the same
-// convert<> calls and the same Rule functions in the same order. Only loading, vectorising and storing are added.
+// per-element arithmetic is host::detail::elementwise_range's (and per_tensor_partials' and per_tensor_apply's), step
+// for step: the same convert<> calls and the same Rule functions in the same order. Only loading, vectorising and
+// storing are added.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -161,10 +162,11 @@ cudaError_t launch_update(const tensor_entry<Prec, MS>* entries, const chunk_map
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
-// LAMB (Rule::per_tensor): host::update_per_tensor in three launches. Phase 1 advances and stores the states and
-// writes, per chunk, the sums of |w|^2 and |u|^2 (double, as the host); the ratio kernel sums each tensor's chunks in
-// a fixed order and calls Rule::trust_ratio; phase 2 recomputes u from the stored states and applies it. Entries are
-// tensors; the chunk size depends only on the policy, so the sums do not depend on the device.
+// LAMB (Rule::per_tensor): host::per_tensor_partials, trust_ratios and per_tensor_apply, in three launches. Phase 1
+// advances and stores the states and writes, per chunk, the sums of |w|^2 and |u|^2 (double, as the host); the ratio
+// kernel sums each tensor's chunks in a fixed order and calls Rule::trust_ratio; phase 2 recomputes u from the stored
+// states and applies it. Entries are tensors; the chunk size depends only on the policy, so the sums do not depend on
+// the device.
 
 template <class Prec>
 inline constexpr std::uint32_t per_tensor_chunk_elems = std::uint32_t(block_threads) * update_vector_width<Prec> * 2;

@@ -128,33 +128,25 @@ MPOPT_FORCEINLINE void store_weight(typename Prec::master_t* master, typename Pr
   if constexpr (Prec::separate_master) param[i] = convert<typename Prec::param_t>(m);
 }
 
-// Elementwise rules, with the state count fixed at compile time so the loop vectorises. The buffer pointers are
-// copied into restrict locals: otherwise every store could alias the view and the loop would reload them.
+// Elementwise rules over compute-type arrays, with the state count fixed at compile time so the loop vectorises.
+// The pointers are restrict: otherwise every store could alias the others and the loop would reload them.
 // GCC vectorises it with -fno-math-errno (sqrt without errno) and -fno-trapping-math (selects in the 16-bit
 // conversions); without them it runs scalar, with the same results.
-template <class Rule, class Prec, int NS, class W, class P, class G, class S, class Coeffs, class C>
-MPOPT_FORCEINLINE void elementwise_loop(W* __restrict master, P* __restrict param, const G* __restrict grad,
-                                        S* __restrict st0, S* __restrict st1, S* __restrict st2, const Coeffs& k,
-                                        C grad_factor, std::size_t n) {
+template <class Rule, int NS, class Coeffs, class C>
+MPOPT_FORCEINLINE void elementwise_loop(C* __restrict w, const C* __restrict g, C* __restrict st0, C* __restrict st1,
+                                        C* __restrict st2, const Coeffs& k, C grad_factor, std::size_t n) {
   MPOPT_PRAGMA_VECTORIZE
   for (std::size_t i = 0; i < n; ++i) {
     C s[3] = {C(0), C(0), C(0)};
-    if constexpr (NS > 0) s[0] = convert<C>(st0[i]);
-    if constexpr (NS > 1) s[1] = convert<C>(st1[i]);
-    if constexpr (NS > 2) s[2] = convert<C>(st2[i]);
-    C w = convert<C>(master[i]);
-    const C g = convert<C>(grad[i]) * grad_factor;
-    Rule::apply(k, w, g, s);
-    if constexpr (NS > 0) st0[i] = convert<S>(s[0]);
-    if constexpr (NS > 1) st1[i] = convert<S>(s[1]);
-    if constexpr (NS > 2) st2[i] = convert<S>(s[2]);
-    if constexpr (std::is_same_v<P, void>) {
-      master[i] = convert<W>(w);
-    } else {
-      const W m = convert<W>(w);
-      master[i] = m;
-      param[i] = convert<P>(m);
-    }
+    if constexpr (NS > 0) s[0] = st0[i];
+    if constexpr (NS > 1) s[1] = st1[i];
+    if constexpr (NS > 2) s[2] = st2[i];
+    C wi = w[i];
+    Rule::apply(k, wi, g[i] * grad_factor, s);
+    if constexpr (NS > 0) st0[i] = s[0];
+    if constexpr (NS > 1) st1[i] = s[1];
+    if constexpr (NS > 2) st2[i] = s[2];
+    w[i] = wi;
   }
 }
 
@@ -177,9 +169,10 @@ void elementwise_range(const View& v, const Coeffs& k, C grad_factor, std::size_
   state_t* st1 = MS > 1 ? v.states[MS > 1 ? 1 : 0] + begin : nullptr;
   state_t* st2 = MS > 2 ? v.states[MS > 2 ? 2 : 0] + begin : nullptr;
   constexpr bool all_compute = std::is_same_v<master_t, C> && std::is_same_v<grad_t, C> && std::is_same_v<state_t, C>;
-  if constexpr (all_compute && !Prec::separate_master) {
-    elementwise_loop<Rule, Prec, NS, master_t, void>(v.master + begin, nullptr, v.grad + begin, st0, st1, st2, k,
-                                                     grad_factor, end - begin);
+  if constexpr (all_compute) {
+    // Master, grads and states already in the compute type (so nearest_rounding): update them in place.
+    elementwise_loop<Rule, NS>(v.master + begin, v.grad + begin, st0, st1, st2, k, grad_factor, end - begin);
+    if constexpr (Prec::separate_master) convert_n(v.master + begin, v.param + begin, end - begin);
   } else {
     // 16-bit elements: GCC does not vectorise a loop that loads and stores 16-bit structs among float math, so a
     // tile is widened into compute-type arrays, updated by the all-compute loop, and narrowed back. The roundings
@@ -196,7 +189,7 @@ void elementwise_range(const View& v, const Coeffs& k, C grad_factor, std::size_
       if constexpr (NS > 0) convert_n(st0 + t, s0, n);
       if constexpr (NS > 1) convert_n(st1 + t, s1, n);
       if constexpr (NS > 2) convert_n(st2 + t, s2, n);
-      elementwise_loop<Rule, Prec, NS, C, void>(w, nullptr, g, s0, s1, s2, k, grad_factor, n);
+      elementwise_loop<Rule, NS>(w, g, s0, s1, s2, k, grad_factor, n);
       if constexpr (NS > 0) convert_n(s0, st0 + t, n);
       if constexpr (NS > 1) convert_n(s1, st1 + t, n);
       if constexpr (NS > 2) convert_n(s2, st2 + t, n);
@@ -231,7 +224,8 @@ template <class Rule, class Prec>
 void update_elementwise(const group_view<Prec, Rule::max_states>& v,
                         const typename Rule::template coeffs<typename Prec::compute_t>& k, int num_states,
                         typename Prec::compute_t grad_factor) {
-  static_assert(!Rule::per_tensor, "update_elementwise: this rule needs per-tensor norms; use update_per_tensor");
+  static_assert(!Rule::per_tensor,
+                "update_elementwise: this rule needs per-tensor norms; use per_tensor_partials and per_tensor_apply");
   static_assert(Rule::max_states <= 3, "update_elementwise: rules with more than 3 states need a new case here");
   switch (num_states) {
     case 0: return detail::elementwise<Rule, Prec, 0>(v, k, grad_factor);
@@ -313,22 +307,6 @@ void trust_ratios(const K& k, const std::vector<zero::segment>& segs, const doub
     u_sq[segs[s].tensor] += partial[2 * s + 1];
   }
   for (std::size_t t = 0; t < tensors; ++t) ratio[t] = Rule::trust_ratio(k, std::sqrt(w_sq[t]), std::sqrt(u_sq[t]));
-}
-
-// The whole per-tensor update of one unsharded group. `tensor_offsets` has one entry per tensor plus the end.
-// Allocates its workspace; the optimizer keeps its own and calls the three phases.
-template <class Rule, class Prec>
-void update_per_tensor(const group_view<Prec, Rule::max_states>& v,
-                       const typename Rule::template coeffs<typename Prec::compute_t>& k,
-                       const std::vector<std::size_t>& tensor_offsets, typename Prec::compute_t grad_factor) {
-  const std::vector<zero::segment> segs = zero::grid_segments(zero::range{0, v.n}, tensor_offsets, reduce_block);
-  std::vector<double> partial(2 * segs.size());
-  per_tensor_partials<Rule, Prec>(v, k, segs, 0, grad_factor, partial.data());
-  const std::size_t tensors = tensor_offsets.empty() ? 0 : tensor_offsets.size() - 1;
-  std::vector<double> sums(2 * tensors);
-  std::vector<typename Prec::compute_t> ratio(tensors);
-  trust_ratios<Rule>(k, segs, partial.data(), tensors, sums.data(), ratio.data());
-  per_tensor_apply<Rule, Prec>(v, k, segs, 0, ratio.data());
 }
 
 }  // namespace mpopt::host
