@@ -8,6 +8,7 @@
 
 #include <vector>
 
+#include "mpi_bench_main.hpp"
 #include "mpopt/comm/mpi.hpp"
 #include "mpopt/mpopt.hpp"
 
@@ -66,21 +67,4 @@ BENCHMARK_TEMPLATE(bm_zero_adamw_step, mpopt::bf16_mixed_policy)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 
-int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  benchmark::Initialize(&argc, argv);
-  if (rank == 0) {
-    benchmark::RunSpecifiedBenchmarks();
-  } else {
-    struct silent : benchmark::BenchmarkReporter {
-      bool ReportContext(const Context&) override { return true; }
-      void ReportRuns(const std::vector<Run>&) override {}
-    } quiet;
-    benchmark::RunSpecifiedBenchmarks(&quiet);
-  }
-  benchmark::Shutdown();
-  MPI_Finalize();
-  return 0;
-}
+MPOPT_MPI_BENCHMARK_MAIN()

@@ -194,6 +194,32 @@ step_plan plan_step(typename Scaler::state_type& state, const typename Scaler::a
   return p;
 }
 
+// Every rank must construct the same groups the same way (tag: e.g. the ZeRO stage); a mismatch would hang or
+// corrupt the collectives. Collective; throws on every rank when they differ.
+template <class Rule, class Prec>
+void check_same_layout(comm::communicator& comm, int tag, const std::vector<param_group<Rule, Prec>>& groups) {
+  if (comm.size() == 1) return;
+  std::uint64_t h = 1469598103934665603ull;  // FNV-1a over the layout
+  auto mix = [&h](std::uint64_t v) {
+    for (int b = 0; b < 8; ++b) h = (h ^ ((v >> (8 * b)) & 0xff)) * 1099511628211ull;
+  };
+  mix(std::uint64_t(tag));
+  mix(groups.size());
+  for (const auto& spec : groups) {
+    mix(spec.size);
+    mix(spec.tensor_sizes.size());
+    for (std::size_t s : spec.tensor_sizes) mix(s);
+    mix(std::uint64_t(Rule::num_states(spec.hparams)));
+  }
+  // max and -min of both 32-bit halves in one all-reduce: they agree iff every rank has the same hash.
+  double v[4] = {double(h >> 32), double(h & 0xffffffffu), -double(h >> 32), -double(h & 0xffffffffu)};
+  comm.all_reduce(v, 4, comm::reduce_op::max);
+  if (v[0] != -v[2] || v[1] != -v[3])
+    throw error(
+        status::invalid("ranks disagree on the group layout (number of groups, sizes, tensor_sizes, optimizer "
+                        "states or zero_options.stage); every rank must construct the same"));
+}
+
 // The type grads travel in when reduced across ranks: wide enough that W equal grads sum exactly.
 template <class G>
 using reduce_t = std::conditional_t<is_16bit_v<G>, float, double>;
@@ -241,7 +267,7 @@ class optimizer {
       throw_if_error(detail::validate_group(groups[g], g, /*grads_required=*/zero_.stage < 2));
     rank_ = comm.rank();
     world_ = comm.size();
-    check_same_layout(groups);
+    detail::check_same_layout(*comm_, zero_.stage, groups);
     scaler_state_ = Scaler::init(scaler_args_);
     groups_.reserve(groups.size());
     std::size_t largest = 0;
@@ -543,30 +569,6 @@ class optimizer {
                                   std::to_string(last) + ") out of range for group " + std::to_string(g) + " (" +
                                   std::to_string(tensors) + " tensors)"));
     return {groups_[g].offsets[first], groups_[g].offsets[last]};
-  }
-
-  // Every rank must shard the same groups the same way; a mismatch would hang or corrupt the collectives.
-  void check_same_layout(const std::vector<group_type>& groups) {
-    if (world_ == 1) return;
-    std::uint64_t h = 1469598103934665603ull;  // FNV-1a over the layout
-    auto mix = [&h](std::uint64_t v) {
-      for (int b = 0; b < 8; ++b) h = (h ^ ((v >> (8 * b)) & 0xff)) * 1099511628211ull;
-    };
-    mix(std::uint64_t(zero_.stage));
-    mix(groups.size());
-    for (const auto& spec : groups) {
-      mix(spec.size);
-      mix(spec.tensor_sizes.size());
-      for (std::size_t s : spec.tensor_sizes) mix(s);
-      mix(std::uint64_t(Rule::num_states(spec.hparams)));
-    }
-    // max and -min of both 32-bit halves in one all-reduce: they agree iff every rank has the same hash.
-    double v[4] = {double(h >> 32), double(h & 0xffffffffu), -double(h >> 32), -double(h & 0xffffffffu)};
-    comm_->all_reduce(v, 4, comm::reduce_op::max);
-    if (v[0] != -v[2] || v[1] != -v[3])
-      throw error(
-          status::invalid("ZeRO: ranks disagree on the group layout (number of groups, sizes, tensor_sizes, "
-                          "optimizer states or zero_options.stage); every rank must construct the same"));
   }
 
   group make_group(group_type spec) {

@@ -4,6 +4,7 @@
 #include <fstream>
 #include <iostream>
 #include <string>
+#include <tuple>
 
 #include <nlohmann/json.hpp>
 
@@ -32,9 +33,10 @@ int run_config_command(const std::string& path) {
     return 2;
   }
   nlohmann::json out = deepspeed::to_json(r.cfg);
-  // Whether this build's default set (every supported precision, rule and scaler) has the optimizer; the tag
-  // alone instantiates nothing.
-  const status s = deepspeed::dispatch(r.cfg, [](auto) {});
+  // Whether this build's default set (every supported precision, rule, the 1-bit rules included, and scaler) has
+  // the optimizer; the tag alone instantiates nothing.
+  using rules = decltype(std::tuple_cat(deepspeed::default_rules{}, deepspeed::default_onebit_rules{}));
+  const status s = deepspeed::dispatch<supported_precisions, rules>(r.cfg, [](auto) {});
   out["dispatch"] = {{"available", s.ok()},
                      {"type", r.cfg.optimizer.name.empty() ? nlohmann::json(nullptr)
                                                            : nlohmann::json(deepspeed::optimizer_type_name(r.cfg))},

@@ -215,6 +215,33 @@ inline zero::range saved_range(std::size_t size, int world, int rank) {
   return zero::make_partition(size, world).owned(rank);
 }
 
+// The start of every save (collective): rank 0 creates `dir` and removes its old index, so the directory does not
+// load until the new index is complete; then a fresh id, the same on every rank, ties the files to that index.
+inline std::string begin_save(comm::communicator& c, const std::string& dir, const char* what) {
+  status st;
+  if (c.rank() == 0) {
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec) st = status::invalid("cannot create directory " + dir + ": " + ec.message());
+    const std::string idx = dir + "/" + index_name;
+    if (st.ok() && std::filesystem::exists(idx, ec)) {
+      std::filesystem::remove(idx, ec);
+      if (ec) st = status::invalid("cannot remove the old " + idx + ": " + ec.message());
+      if (st.ok()) st = fsync_dir(dir);
+    }
+  }
+  agree(c, st, what);
+  double id[2] = {0, 0};  // 32-bit halves travel exactly as doubles
+  if (c.rank() == 0) {
+    std::random_device rd;
+    const auto t = std::uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
+    id[0] = double(std::uint32_t(rd()) ^ std::uint32_t(t));
+    id[1] = double(std::uint32_t(rd()) ^ std::uint32_t(t >> 32));
+  }
+  c.broadcast(id, 2, 0);
+  return hex32(std::uint32_t(id[0])) + hex32(std::uint32_t(id[1]));
+}
+
 }  // namespace detail
 
 // The metadata describing `opt` (index.hpp lists the keys). Every rank computes the same.
@@ -278,31 +305,10 @@ void save(Opt& opt, const std::string& dir, const save_options& options = {}) {
   comm::communicator& c = opt.communicator();
   const int rank = c.rank(), world = c.size();
   const char* what = "checkpoint save";
+  const std::string save_id = detail::begin_save(c, dir, what);
   status st;
-  if (rank == 0) {  // no index from now until the new one is complete
-    std::error_code ec;
-    std::filesystem::create_directories(dir, ec);
-    if (ec) st = status::invalid("cannot create directory " + dir + ": " + ec.message());
-    const std::string idx = dir + "/" + index_name;
-    if (st.ok() && std::filesystem::exists(idx, ec)) {
-      std::filesystem::remove(idx, ec);
-      if (ec) st = status::invalid("cannot remove the old " + idx + ": " + ec.message());
-      if (st.ok()) st = detail::fsync_dir(dir);
-    }
-  }
-  detail::agree(c, st, what);
-
-  // A fresh id ties the rank files to this save's index; 32-bit halves travel exactly as doubles.
-  double id[2] = {0, 0};
-  if (rank == 0) {
-    std::random_device rd;
-    const auto t = std::uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
-    id[0] = double(std::uint32_t(rd()) ^ std::uint32_t(t));
-    id[1] = double(std::uint32_t(rd()) ^ std::uint32_t(t >> 32));
-  }
-  c.broadcast(id, 2, 0);
   meta_map meta = describe(opt);
-  meta["save_id"] = hex32(std::uint32_t(id[0])) + hex32(std::uint32_t(id[1]));
+  meta["save_id"] = save_id;
   for (const auto& kv : options.user_metadata) meta["user." + kv.first] = kv.second;
 
   // This rank's file.

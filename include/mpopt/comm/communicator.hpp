@@ -9,8 +9,14 @@
 //   all_gather(buf, counts, type)             in place: rank r's counts[r] elements sit at offset
 //                                             counts[0] + ... + counts[r-1] of buf; afterwards every rank has all
 //   broadcast(buf, count, type, root), barrier()
-// Counts may differ per rank and may be zero. Host communicators complete before returning; device communicators
-// (NCCL) are ordered on their stream and return at once.
+//   all_to_all_bytes(send, recv, b)           send holds size() blocks of b bytes in rank order; rank r's block j
+//                                             goes to rank j, which stores it as block r of recv (send and recv do
+//                                             not overlap)
+//   all_gather_bytes(buf, b)                  in place: rank r's b bytes at buf + r·b; afterwards every rank has all
+// Counts may differ per rank and may be zero (the *_bytes blocks are equal). The *_bytes collectives move bytes
+// verbatim, so they take no dtype (the 1-bit compressed allreduce sends packed sign words with their scales).
+// Host communicators complete before returning; device communicators (NCCL) are ordered on their stream and return
+// at once.
 #pragma once
 
 #include <cstddef>
@@ -39,7 +45,8 @@ constexpr std::size_t dtype_size(dtype t) {
 }
 
 // Per-rank traffic under the usual ring accounting (as nccl-tests' "bus bytes"): an all-reduce of n elements moves
-// 2(W-1)/W·n per rank, a reduce-scatter or all-gather of n elements in total (W-1)/W·n, a broadcast of n (W-1)/W·n.
+// 2(W-1)/W·n per rank, a reduce-scatter or all-gather of n elements in total (W-1)/W·n, a broadcast of n (W-1)/W·n,
+// an all_to_all_bytes or all_gather_bytes of b bytes per rank (W-1)/W·W·b (a byte counting as an element).
 // ZeRO's 2Ψ / 3Ψ figures are in these units with (W-1)/W taken as 1.
 struct traffic {
   double elements = 0;  // bus elements, per rank
@@ -60,6 +67,8 @@ class communicator {
   virtual void all_gather(void* buf, const std::size_t* counts, dtype t) = 0;
   virtual void broadcast(void* buf, std::size_t count, dtype t, int root) = 0;
   virtual void barrier() = 0;
+  virtual void all_to_all_bytes(const void* send, void* recv, std::size_t bytes_per_rank) = 0;
+  virtual void all_gather_bytes(void* buf, std::size_t bytes_per_rank) = 0;
 
   // What this communicator has moved so far (see `traffic`), for benchmarks and tests of the ZeRO volumes.
   const traffic& traffic_so_far() const noexcept { return traffic_; }
@@ -92,13 +101,29 @@ class communicator {
     add_traffic(double(std::accumulate(counts, counts + size(), std::size_t(0))), t);
   }
   void count_broadcast(std::size_t n, dtype t) { add_traffic(double(n), t); }
+  // all_to_all_bytes and all_gather_bytes: size() blocks in total, each rank keeps one; a byte counts as an element.
+  void count_bytes_spread(std::size_t bytes_per_rank) { add_traffic(double(bytes_per_rank) * double(size()), 1.0); }
+  // Refuses an all-to-all whose total size overflows, or whose send and recv overlap (a block would be overwritten
+  // before it is sent). Before anything is counted or moved.
+  void check_all_to_all(const void* send, const void* recv, std::size_t bytes_per_rank) const {
+    const std::size_t w = std::size_t(size());
+    if (bytes_per_rank > SIZE_MAX / w)
+      throw error(status::invalid("all_to_all_bytes: bytes_per_rank " + std::to_string(bytes_per_rank) + " times " +
+                                  std::to_string(w) + " ranks overflows size_t"));
+    const std::uintptr_t s = reinterpret_cast<std::uintptr_t>(send), r = reinterpret_cast<std::uintptr_t>(recv);
+    const std::size_t total = bytes_per_rank * w;
+    if (total > 0 && s < r + total && r < s + total)
+      throw error(status::invalid("all_to_all_bytes: send and recv overlap (" + std::to_string(total) +
+                                  " bytes each, " + std::to_string(s > r ? s - r : r - s) + " bytes apart)"));
+  }
 
  private:
-  void add_traffic(double n, dtype t) {
+  void add_traffic(double n, dtype t) { add_traffic(n, double(dtype_size(t))); }
+  void add_traffic(double n, double element_bytes) {
     const int w = size();
     const double share = w > 1 ? double(w - 1) / double(w) : 0.0;
     traffic_.elements += n * share;
-    traffic_.bytes += n * share * double(dtype_size(t));
+    traffic_.bytes += n * share * element_bytes;
     ++traffic_.calls;
   }
   void check_counts(const std::vector<std::size_t>& counts, const char* what) const {
@@ -128,6 +153,11 @@ class single_rank final : public communicator {
     if (root != 0) throw error(status::invalid("broadcast: root " + std::to_string(root) + " on a single rank"));
   }
   void barrier() override {}
+  void all_to_all_bytes(const void* send, void* recv, std::size_t bytes_per_rank) override {
+    check_all_to_all(send, recv, bytes_per_rank);
+    if (bytes_per_rank > 0) std::memmove(recv, send, bytes_per_rank);
+  }
+  void all_gather_bytes(void*, std::size_t) override {}
   using communicator::all_gather;
   using communicator::all_reduce;
   using communicator::broadcast;

@@ -87,6 +87,21 @@ class mpi final : public communicator {
 
   void barrier() override { check(MPI_Barrier(comm_), "MPI_Barrier"); }
 
+  void all_to_all_bytes(const void* send, void* recv, std::size_t bytes_per_rank) override {
+    const int count = to_int(bytes_per_rank, "all_to_all_bytes");
+    check_all_to_all(send, recv, bytes_per_rank);
+    count_bytes_spread(bytes_per_rank);
+    if (count == 0) return;
+    check(MPI_Alltoall(send, count, MPI_BYTE, recv, count, MPI_BYTE, comm_), "MPI_Alltoall");
+  }
+
+  void all_gather_bytes(void* buf, std::size_t bytes_per_rank) override {
+    const int count = to_int(bytes_per_rank, "all_gather_bytes");
+    count_bytes_spread(bytes_per_rank);
+    if (count == 0) return;
+    check(MPI_Allgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, count, MPI_BYTE, comm_), "MPI_Allgather");
+  }
+
   using communicator::all_gather;
   using communicator::all_reduce;
   using communicator::broadcast;

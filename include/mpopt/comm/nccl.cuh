@@ -127,6 +127,38 @@ class nccl final : public communicator {
     check(ncclBroadcast(buf, buf, count, to_nccl(t), root, comm_, stream_), "ncclBroadcast");
   }
 
+  // Grouped point-to-point (one ncclSend and one ncclRecv per peer, fused into one launch); this rank's own block is a
+  // device copy on the stream.
+  void all_to_all_bytes(const void* send, void* recv, std::size_t bytes_per_rank) override {
+    check_all_to_all(send, recv, bytes_per_rank);
+    count_bytes_spread(bytes_per_rank);
+    if (bytes_per_rank == 0) return;
+    const auto* from = static_cast<const unsigned char*>(send);
+    auto* to = static_cast<unsigned char*>(recv);
+    const std::size_t own = std::size_t(rank_) * bytes_per_rank;
+    cuda::throw_if_cuda_error(cudaMemcpyAsync(to + own, from + own, bytes_per_rank, cudaMemcpyDeviceToDevice, stream_),
+                              "cudaMemcpyAsync(all_to_all_bytes, own block)");
+    group([&]() -> group_result {
+      for (int r = 0; r < size_; ++r) {
+        if (r == rank_) continue;
+        const std::size_t at = std::size_t(r) * bytes_per_rank;
+        ncclResult_t rc = ncclSend(from + at, bytes_per_rank, ncclUint8, r, comm_, stream_);
+        if (rc != ncclSuccess) return {rc, "ncclSend"};
+        rc = ncclRecv(to + at, bytes_per_rank, ncclUint8, r, comm_, stream_);
+        if (rc != ncclSuccess) return {rc, "ncclRecv"};
+      }
+      return {ncclSuccess, ""};
+    });
+  }
+
+  void all_gather_bytes(void* buf, std::size_t bytes_per_rank) override {
+    count_bytes_spread(bytes_per_rank);
+    if (bytes_per_rank == 0) return;
+    auto* bytes = static_cast<unsigned char*>(buf);
+    check(ncclAllGather(bytes + std::size_t(rank_) * bytes_per_rank, buf, bytes_per_rank, ncclUint8, comm_, stream_),
+          "ncclAllGather");
+  }
+
   // An all-reduce of one int, then cudaStreamSynchronize: on return every rank has reached the barrier and this
   // rank's stream has drained (the only call here that blocks the host).
   void barrier() override {

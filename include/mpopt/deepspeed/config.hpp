@@ -14,6 +14,11 @@
 //  - "auto" (the Hugging Face placeholder) means the default, as DeepSpeed drops such values.
 //  - optimizer.params.max_grad_norm is an error pointing to gradient_clipping (DeepSpeed fails on it too, later).
 //  - gradient_clipping defaults to 1.0 (DeepSpeed since 2026-06-23; 0.0 before).
+//  - OneBitAdam, ZeroOneAdam, OneBitLamb: DeepSpeed's parameter names and defaults; accepted keys DeepSpeed ignores
+//    (bias_correction, eps_inside_sqrt) warn when true; amsgrad true is an error. Without fp16 DeepSpeed warns that
+//    convergence is only verified under fp16 and runs them: so does the importer, which records the opt-in that
+//    mpopt::onebit::optimizer requires for such a precision (optimizer_config::accept_unverified_precision,
+//    deepspeed::onebit_options_of). With ZeRO they are refused, as in DeepSpeed.
 // deepspeed/dispatch.hpp maps a config onto the compiled optimizer types.
 #pragma once
 
@@ -34,6 +39,7 @@
 #include "../rule/adam.hpp"
 #include "../rule/lamb.hpp"
 #include "../rule/lion.hpp"
+#include "../rule/onebit.hpp"
 #include "../rule/sgd.hpp"
 #include "../scaler/loss_scaler.hpp"
 
@@ -85,8 +91,9 @@ struct zero_config {
   offload_config offload_optimizer{};
 };
 
-// The optimizer section mapped onto mpopt's rules. `name` is the rule: adam, adamw, sgd, adagrad, lamb, lion;
-// onebitadam, zerooneadam, onebitlamb and muon are parsed and validated but have no rule in this build yet;
+// The optimizer section mapped onto mpopt's rules. `name` is the lower-cased DeepSpeed type: adam, adamw, sgd,
+// adagrad, lamb and lion are also the rules' names; onebitadam, zerooneadam and onebitlamb are the rules
+// onebit_adam, zero_one_adam and onebit_lamb (rule_name()); muon is parsed but has no rule in this build yet;
 // "" when the config has no optimizer section (a client optimizer).
 struct optimizer_config {
   std::string type;  // as written
@@ -96,7 +103,19 @@ struct optimizer_config {
   adagrad::args adagrad_args{};
   lamb::args lamb_args{};
   lion::args lion_args{};
+  onebit_adam::args onebit_adam_args{};
+  zero_one_adam::args zero_one_adam_args{};
+  onebit_lamb::args onebit_lamb_args{};
   bool torch_adam = false;
+  // The 1-bit optimizers' transport, recorded as written (DeepSpeed's defaults): mpopt communicates through the
+  // communicator given to mpopt::onebit::optimizer, whichever backend the config names.
+  std::string comm_backend_name = "nccl";  // nccl, mpi, compressed or hccl
+  bool cuda_aware = false;
+  // 1-bit optimizers whose precision is not fp16 params and grads: DeepSpeed runs them with a warning (convergence
+  // is only verified under fp16); mpopt's C++ API refuses them unless opted in (onebit::options::
+  // accept_unverified_precision). The importer opts in, because the config asked for it, and the warning says so;
+  // deepspeed::onebit_options_of() passes this on.
+  bool accept_unverified_precision = false;
   nlohmann::json params = nlohmann::json::object();  // optimizer.params as written ("auto" values dropped)
 };
 
@@ -145,6 +164,13 @@ inline bool zero_tested_optimizer(const std::string& name) {
 }
 inline bool is_one_bit_optimizer(const std::string& name) {
   return name == "onebitadam" || name == "zerooneadam" || name == "onebitlamb";
+}
+// The mpopt rule's name (Rule::name) for an optimizer_config::name: the 1-bit ones differ, the others are the same.
+inline std::string rule_name(const std::string& name) {
+  if (name == "onebitadam") return onebit_adam::name;
+  if (name == "zerooneadam") return zero_one_adam::name;
+  if (name == "onebitlamb") return onebit_lamb::name;
+  return name;
 }
 
 namespace detail {
@@ -508,8 +534,74 @@ inline void read_optimizer_params(reader& r, const json& params, config& c) {
     num("lr", o.lion_args.lr);
     betas(o.lion_args.beta1, o.lion_args.beta2);
     num("weight_decay", o.lion_args.weight_decay);
+  } else if (is_one_bit_optimizer(n)) {  // OnebitAdam, ZeroOneAdam, OnebitLamb (runtime/fp16/onebit)
+    known = {"lr",           "betas",           "eps",
+             "weight_decay", "bias_correction", "eps_inside_sqrt",
+             "amsgrad",      "cuda_aware",      "comm_backend_name"};
+    auto common = [&](auto& a) {
+      num("lr", a.lr);
+      betas(a.beta1, a.beta2);
+      num("eps", a.eps);
+      num("weight_decay", a.weight_decay);
+    };
+    auto steps = [&](const char* key, std::int64_t& out) {
+      known.insert(key);
+      r.integer(params, key, p, out);
+    };
+    auto real = [&](const char* key, double& out) {
+      known.insert(key);
+      num(key, out);
+    };
+    if (n == "onebitadam") {
+      onebit_adam::args& a = o.onebit_adam_args;
+      a = onebit_adam::args{};
+      common(a);
+      steps("freeze_step", a.freeze_step);
+    } else if (n == "zerooneadam") {
+      zero_one_adam::args& a = o.zero_one_adam_args;
+      a = zero_one_adam::args{};
+      common(a);
+      steps("var_freeze_step", a.var_freeze_step);
+      steps("var_update_scaler", a.var_update_scaler);
+      steps("local_step_scaler", a.local_step_scaler);
+      steps("local_step_clipper", a.local_step_clipper);
+    } else {
+      onebit_lamb::args& a = o.onebit_lamb_args;
+      a = onebit_lamb::args{};
+      common(a);
+      steps("freeze_step", a.freeze_step);
+      real("max_coeff", a.max_coeff);
+      real("min_coeff", a.min_coeff);
+      real("coeff_beta", a.coeff_beta);
+      real("factor_max", a.factor_max);
+      real("factor_min", a.factor_min);
+      real("factor_threshold", a.factor_threshold);
+    }
+    // Accepted by DeepSpeed's constructors but without effect there: ignored here too, with a word when set.
+    bool flag = false;
+    if (r.boolean(params, "bias_correction", p, flag) && flag)
+      r.warn(
+          "optimizer.params.bias_correction: true is ignored; the 1-bit optimizers never apply bias correction "
+          "(DeepSpeed accepts the key and ignores it too)");
+    if (r.boolean(params, "eps_inside_sqrt", p, flag) && flag)
+      r.warn(
+          "optimizer.params.eps_inside_sqrt: true is ignored; eps is added outside the square root (DeepSpeed "
+          "stores the key and ignores it too)");
+    if (r.boolean(params, "amsgrad", p, flag) && flag)
+      r.error("optimizer.params.amsgrad: true is not supported by optimizer \"" + o.type +
+              "\" (DeepSpeed raises too); remove it or set it to false");
+    r.boolean(params, "cuda_aware", p, o.cuda_aware);
+    o.comm_backend_name = "nccl";
+    std::string backend;
+    if (r.string(params, "comm_backend_name", p, backend)) {
+      if (backend != "nccl" && backend != "mpi" && backend != "compressed" && backend != "hccl")
+        r.error("optimizer.params.comm_backend_name: must be \"nccl\", \"mpi\", \"compressed\" or \"hccl\", got \"" +
+                backend + "\"");
+      else
+        o.comm_backend_name = backend;
+    }
   } else {
-    return;  // 1-bit optimizers, Muon: parameters recorded as written, checked when their rules exist
+    return;  // Muon: parameters recorded as written, checked when its rule exists
   }
   for (auto it = params.begin(); it != params.end(); ++it) {
     if (known.count(it.key()) || it.key() == "max_grad_norm") continue;
@@ -585,6 +677,30 @@ inline void read_torch_autocast(reader& r, const json& s, config& c) {
         "documented bfloat16. Set it explicitly");
 }
 
+// A 1-bit rule's validate() message "<rule>.<field> must be ..., got v" as "optimizer.params.<key>: must be ..., got
+// <the value as written>": the DeepSpeed key (beta1/beta2 are betas[0]/betas[1]) and its value, or "(the default)".
+inline std::string param_error(const std::string& rule, const std::string& message, const json& params) {
+  const std::string prefix = rule + ".";
+  const std::size_t space = message.find(' ');
+  if (message.compare(0, prefix.size(), prefix) != 0 || space == std::string::npos)
+    return "optimizer.params: " + message;
+  const std::string field = message.substr(prefix.size(), space - prefix.size());
+  std::string what = message.substr(space);  // " must be ..., got v"
+  const bool beta = field == "beta1" || field == "beta2";
+  const std::string key = beta ? "betas" : field;
+  const json* written = nullptr;
+  if (params.contains(key)) {
+    written = &params.at(key);
+    if (beta) written = written->is_array() && written->size() == 2 ? &(*written)[field == "beta1" ? 0 : 1] : nullptr;
+  }
+  const std::size_t got = what.rfind(", got ");
+  if (written && got != std::string::npos)
+    what = what.substr(0, got) + ", got " + show(*written);
+  else if (!written)
+    what += " (the default)";
+  return "optimizer.params." + key + (beta ? (field == "beta1" ? "[0]" : "[1]") : "") + ":" + what;
+}
+
 // The cross-section rules (DeepSpeed config.py, engine.py sanity checks, base_optimizer master-weight checks).
 inline void check_rules(reader& r, config& c, bool dynamic_fields_set) {
   const int stage = c.zero.stage;
@@ -616,9 +732,17 @@ inline void check_rules(reader& r, config& c, bool dynamic_fields_set) {
     if (stage > 0)
       r.error("optimizer.type: \"" + c.optimizer.type + "\" is not compatible with ZeRO (zero_optimization.stage " +
               std::to_string(stage) + "); use zero_optimization.stage 0");
-    if (!c.fp16)
+    // DeepSpeed warns and runs; mpopt's C++ API refuses unless opted in, and the importer opts in (see
+    // optimizer_config::accept_unverified_precision).
+    const bool verified = c.precision.param == dtype::fp16 && c.precision.grad == dtype::fp16;
+    c.optimizer.accept_unverified_precision = !verified;
+    if (!verified)
       r.warn("optimizer.type: the convergence of 1-bit Adam / 0/1 Adam / 1-bit Lamb (\"" + c.optimizer.type +
-             "\") is only verified under fp16; consider \"fp16\": {\"enabled\": true}");
+             "\") is only verified under fp16; consider \"fp16\": {\"enabled\": true}. Running it in " +
+             dtype_name(c.precision.param) +
+             " as DeepSpeed does: the importer opts in for you (deepspeed::onebit_options_of() sets "
+             "onebit::options::accept_unverified_precision, without which mpopt::onebit::optimizer refuses this "
+             "precision)");
   }
   if ((n == "lamb" || n == "onebitlamb") && c.scaler.loss_scale != 0)
     r.error("fp16.loss_scale: optimizer \"" + c.optimizer.type + "\" requires dynamic loss scaling; set " +
@@ -787,6 +911,21 @@ inline parse_result parse_config(const nlohmann::json& j) {
     else if (o.name == "lion")
       s = lion::validate(o.lion_args);
     if (!s.ok()) r.error("optimizer.params: " + s.message);
+    // The 1-bit rules: the error names the DeepSpeed key and its value as written.
+    if (o.name == "onebitadam")
+      s = onebit_adam::validate(o.onebit_adam_args);
+    else if (o.name == "zerooneadam")
+      s = zero_one_adam::validate(o.zero_one_adam_args);
+    else if (o.name == "onebitlamb")
+      s = onebit_lamb::validate(o.onebit_lamb_args);
+    if (is_one_bit_optimizer(o.name) && !s.ok()) r.error(detail::param_error(rule_name(o.name), s.message, o.params));
+    const onebit_lamb::args& l = o.onebit_lamb_args;
+    const double window = 1.0 / (1.0 - l.coeff_beta);  // the EMA's horizon, in steps
+    if (o.name == "onebitlamb" && s.ok() && window > double(l.freeze_step) * (1.0 + 1e-12))
+      r.warn("optimizer.params.coeff_beta: 1 / (1 - coeff_beta) = " + detail::show(std::round(window * 1e6) / 1e6) +
+             " exceeds freeze_step " + std::to_string(l.freeze_step) +
+             "; the trust-ratio average frozen at freeze_step is then biased towards 0 (DeepSpeed's tutorial: keep "
+             "it <= freeze_step)");
   }
   return res;
 }
@@ -879,6 +1018,34 @@ inline nlohmann::json to_json(const config& c) {
     opt.update({{"lr", o.lion_args.lr},
                 {"betas", {o.lion_args.beta1, o.lion_args.beta2}},
                 {"weight_decay", o.lion_args.weight_decay}});
+  } else if (is_one_bit_optimizer(o.name)) {
+    auto common = [&](const auto& a) {
+      opt.update({{"lr", a.lr}, {"betas", {a.beta1, a.beta2}}, {"eps", a.eps}, {"weight_decay", a.weight_decay}});
+    };
+    if (o.name == "onebitadam") {
+      common(o.onebit_adam_args);
+      opt["freeze_step"] = o.onebit_adam_args.freeze_step;
+    } else if (o.name == "zerooneadam") {
+      const zero_one_adam::args& a = o.zero_one_adam_args;
+      common(a);
+      opt.update({{"var_freeze_step", a.var_freeze_step},
+                  {"var_update_scaler", a.var_update_scaler},
+                  {"local_step_scaler", a.local_step_scaler},
+                  {"local_step_clipper", a.local_step_clipper}});
+    } else {
+      const onebit_lamb::args& a = o.onebit_lamb_args;
+      common(a);
+      opt.update({{"freeze_step", a.freeze_step},
+                  {"max_coeff", a.max_coeff},
+                  {"min_coeff", a.min_coeff},
+                  {"coeff_beta", a.coeff_beta},
+                  {"factor_max", a.factor_max},
+                  {"factor_min", a.factor_min},
+                  {"factor_threshold", a.factor_threshold}});
+    }
+    opt.update({{"comm_backend_name", o.comm_backend_name},
+                {"cuda_aware", o.cuda_aware},
+                {"accept_unverified_precision", o.accept_unverified_precision}});
   } else if (!o.name.empty()) {
     opt["params"] = o.params;  // no rule in this build yet: as written
   }

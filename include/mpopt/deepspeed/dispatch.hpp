@@ -1,5 +1,6 @@
-// A validated DeepSpeed config (deepspeed/config.hpp) -> the mpopt::optimizer<Rule, Prec, Scaler> the build has.
-// Host only; requires nlohmann/json (through config.hpp).
+// A validated DeepSpeed config (deepspeed/config.hpp) -> the mpopt::optimizer<Rule, Prec, Scaler> (or, for the 1-bit
+// optimizers, mpopt::onebit::optimizer<Rule, Prec, Scaler>) the build has. Host only; requires nlohmann/json (through
+// config.hpp).
 //
 // Dtypes and policies are template parameters, so the caller names the set it compiles in; dispatch() calls
 // f(type_tag<mpopt::optimizer<Rule, Prec, Scaler>>{}) for the one the config selects, and only that set is
@@ -15,6 +16,23 @@
 //               mpopt::deepspeed::step_options_of(cfg));
 //   });
 //   // s: errc::unsupported naming what is missing from the compiled set, or what this build cannot run yet.
+//
+// The 1-bit rules (OneBitAdam, ZeroOneAdam, OneBitLamb) are in default_onebit_rules, not in default_rules: put them in
+// Rules and f is called with type_tag<mpopt::onebit::optimizer<Rule, Prec, Scaler>> for those configs (only for the
+// precision/scaler combinations a valid 1-bit config can select: fp16 params and grads with a loss scaler, or fp32 /
+// bf16 ones without, an fp32 master and fp32 states; at most 11 types). Its constructor takes onebit_options_of(cfg)
+// and, for more than one rank, a host communicator:
+//
+//   using rules = std::tuple<mpopt::adamw, mpopt::onebit_adam>;
+//   dispatch<precs, rules>(cfg, [&](auto tag) {
+//     using opt_t = typename decltype(tag)::type;
+//     ...  // the group as above
+//     if constexpr (mpopt::deepspeed::is_onebit_optimizer_v<opt_t>) {
+//       opt_t opt({g}, comm, scaler_args<scaler_of_t<opt_t>>(cfg), step_options_of(cfg), onebit_options_of(cfg));
+//     } else {
+//       opt_t opt({g}, scaler_args<scaler_of_t<opt_t>>(cfg), step_options_of(cfg));
+//     }
+//   });
 #pragma once
 
 #include <string>
@@ -22,6 +40,7 @@
 #include <type_traits>
 
 #include "../error.hpp"
+#include "../onebit/optimizer.hpp"
 #include "../optimizer.hpp"
 #include "../policy/supported.hpp"
 #include "../scaler/scalers.hpp"
@@ -35,7 +54,38 @@ struct type_tag {
 };
 
 using default_rules = std::tuple<adam, adamw, sgd, adagrad, lamb, lion>;
+// The 1-bit rules, dispatched to mpopt::onebit::optimizer. Not in default_rules, so that callbacks written for
+// mpopt::optimizer keep compiling; add them to Rules (e.g. decltype(std::tuple_cat(default_rules{},
+// default_onebit_rules{}))) where the callback handles both.
+using default_onebit_rules = std::tuple<onebit_adam, zero_one_adam, onebit_lamb>;
 using default_scalers = std::tuple<no_scaler, static_scaler, dynamic_scaler>;
+
+template <class Rule>
+struct is_onebit_rule : std::bool_constant<std::is_same_v<Rule, onebit_adam> || std::is_same_v<Rule, zero_one_adam> ||
+                                           std::is_same_v<Rule, onebit_lamb>> {};
+template <class Rule>
+inline constexpr bool is_onebit_rule_v = is_onebit_rule<Rule>::value;
+
+// Whether a type dispatch() passes is an mpopt::onebit::optimizer (its constructor takes onebit_options_of(cfg)).
+template <class Opt>
+struct is_onebit_optimizer : std::false_type {};
+template <class Rule, class Prec, class Scaler>
+struct is_onebit_optimizer<onebit::optimizer<Rule, Prec, Scaler>> : std::true_type {};
+template <class Opt>
+inline constexpr bool is_onebit_optimizer_v = is_onebit_optimizer<Opt>::value;
+
+// The Scaler of a type dispatch() passes (mpopt::optimizer::scaler_type; onebit::optimizer has no such alias), for
+// scaler_args<scaler_of_t<opt_t>>(cfg) in a callback that handles both.
+template <class Opt>
+struct scaler_of {
+  using type = typename Opt::scaler_type;
+};
+template <class Rule, class Prec, class Scaler>
+struct scaler_of<onebit::optimizer<Rule, Prec, Scaler>> {
+  using type = Scaler;
+};
+template <class Opt>
+using scaler_of_t = typename scaler_of<Opt>::type;
 
 template <class Scaler>
 struct scaler_kind_of;
@@ -62,6 +112,12 @@ typename Rule::args rule_args(const config& c) {
     return o.adagrad_args;
   } else if constexpr (std::is_same_v<Rule, lamb>) {
     return o.lamb_args;
+  } else if constexpr (std::is_same_v<Rule, onebit_adam>) {
+    return o.onebit_adam_args;
+  } else if constexpr (std::is_same_v<Rule, zero_one_adam>) {
+    return o.zero_one_adam_args;
+  } else if constexpr (std::is_same_v<Rule, onebit_lamb>) {
+    return o.onebit_lamb_args;
   } else {
     static_assert(std::is_same_v<Rule, lion>, "mpopt::deepspeed::rule_args: no DeepSpeed mapping for this rule");
     return o.lion_args;
@@ -90,6 +146,18 @@ inline step_options step_options_of(const config& c) {
   return o;
 }
 
+// For mpopt::onebit::optimizer. accept_unverified_precision: as the importer recorded it, true when the config's
+// params and grads are not fp16. DeepSpeed runs such a config with a warning; mpopt's C++ API refuses it unless
+// opted in; the importer opts in because the config asked for it, and the warning (config::warnings) says so.
+// bucket_elements: zero.bucket_elements (zero_optimization.reduce_bucket_size when given, else mpopt's 1 M), the
+// largest piece of the exact all-reduce, as for zero_options.
+inline onebit::options onebit_options_of(const config& c) {
+  onebit::options o;
+  o.accept_unverified_precision = c.optimizer.accept_unverified_precision;
+  o.bucket_elements = c.zero.bucket_elements;
+  return o;
+}
+
 inline zero_options zero_options_of(const config& c) {
   zero_options z;
   z.stage = c.zero.stage;
@@ -106,8 +174,7 @@ inline status availability(const config& c) {
     return unsupported(
         "optimizer: the config has no optimizer section (DeepSpeed would use the client optimizer); "
         "pick the rule in code, or add \"optimizer\": {\"type\": ...}");
-  if (is_one_bit_optimizer(o.name) || o.name == "muon")
-    return unsupported("optimizer.type \"" + o.type + "\": not available in this build yet");
+  if (o.name == "muon") return unsupported("optimizer.type \"" + o.type + "\": not available in this build yet");
   if (c.zero.offload_optimizer.device != "none")
     return unsupported("zero_optimization.offload_optimizer.device \"" + c.zero.offload_optimizer.device +
                        "\": optimizer offload is not available in this build yet");
@@ -155,55 +222,92 @@ bool has_scaler(scaler_kind k) {
   return std::apply([&](auto... s) { return ((scaler_kind_of<decltype(s)>::value == k) || ...); }, Scalers{});
 }
 
+// Calls g(T{}) for each type T of the std::tuple List.
+template <class List, class G>
+void for_each_type(G&& g) {
+  std::apply([&](auto... t) { (g(t), ...); }, List{});
+}
+
+// Whether a valid 1-bit config can select onebit::optimizer<Rule, Prec, Scaler>: ZeRO stage 0 rules out a 16-bit
+// master, bf16 states and a separate grad_accum dtype, so params and grads are fp32, fp16 or bf16 with an fp32 master
+// and fp32 states; fp16 has a loss scaler (OneBitLamb: dynamic only), the others none. dispatch() instantiates only
+// these (and onebit::optimizer's own static_asserts, fp32 compute and round-to-nearest, hold for them).
+template <class Rule, class Prec, class Scaler>
+constexpr bool onebit_selectable() {
+  using P = typename Prec::param_t;
+  constexpr bool roles = std::is_same_v<typename Prec::compute_t, float> &&
+                         std::is_same_v<typename Prec::master_t, float> &&
+                         std::is_same_v<typename Prec::master_rounding, nearest_rounding> &&
+                         std::is_same_v<typename Prec::state_t, float> && std::is_same_v<typename Prec::grad_t, P>;
+  if constexpr (!roles) {
+    return false;
+  } else if constexpr (std::is_same_v<P, half_t>) {
+    return !std::is_same_v<Scaler, no_scaler> &&
+           !(std::is_same_v<Rule, onebit_lamb> && std::is_same_v<Scaler, static_scaler>);
+  } else {
+    return std::is_same_v<Scaler, no_scaler> && (std::is_same_v<P, float> || std::is_same_v<P, bf16_t>);
+  }
+}
+
 }  // namespace detail
 
 // The optimizer type the config selects, as C++ (whether or not it is compiled in).
 inline std::string optimizer_type_name(const config& c) {
-  return "mpopt::optimizer<mpopt::" + c.optimizer.name + ", " + detail::precision_name(c.precision) + ", " +
-         detail::scaler_type_name(c.scaler.kind) + ">";
+  const char* opt = is_one_bit_optimizer(c.optimizer.name) ? "mpopt::onebit::optimizer" : "mpopt::optimizer";
+  return std::string(opt) + "<mpopt::" + rule_name(c.optimizer.name) + ", " + detail::precision_name(c.precision) +
+         ", " + detail::scaler_type_name(c.scaler.kind) + ">";
 }
 
 // Calls f(type_tag<mpopt::optimizer<Rule, Prec, Scaler>>{}) once for the combination `c` selects, Rule from
-// Rules, Prec from Precisions, Scaler from Scalers (std::tuples). Returns errc::unsupported, calling nothing, when
-// the combination is not in those lists or not available in this build (availability()); the message names it.
+// Rules, Prec from Precisions, Scaler from Scalers (std::tuples); for a 1-bit rule (is_onebit_rule_v) the type is
+// mpopt::onebit::optimizer<Rule, Prec, Scaler>, instantiated only for the combinations a valid 1-bit config selects
+// (detail::onebit_selectable). Returns errc::unsupported, calling nothing, when the combination is not in those lists
+// or not available in this build (availability()); the message names it.
 template <class Precisions = supported_precisions, class Rules = default_rules, class Scalers = default_scalers,
           class F>
 status dispatch(const config& c, F&& f) {
   const status a = availability(c);
   if (!a.ok()) return a;
   const std::string missing = " is not in the compiled set of mpopt::deepspeed::dispatch's ";
-  if (!detail::has_rule<Rules>(c.optimizer.name))
-    return status{errc::unsupported, "rule mpopt::" + c.optimizer.name + " (optimizer.type \"" + c.optimizer.type +
-                                         "\")" + missing + "Rules; add it there"};
+  const std::string rule = rule_name(c.optimizer.name);
+  const bool onebit = is_one_bit_optimizer(c.optimizer.name);
+  if (!detail::has_rule<Rules>(rule))
+    return status{errc::unsupported,
+                  "rule mpopt::" + rule + " (optimizer.type \"" + c.optimizer.type + "\")" + missing +
+                      "Rules; add it there" +
+                      (onebit ? " (mpopt::deepspeed::default_onebit_rules has the 1-bit rules; they dispatch to "
+                                "mpopt::onebit::optimizer)"
+                              : "")};
   if (!detail::has_scaler<Scalers>(c.scaler.kind))
     return status{errc::unsupported,
                   std::string(detail::scaler_type_name(c.scaler.kind)) + missing + "Scalers; add it there"};
   const precision_config& p = c.precision;
+  bool called = false;
   const bool found = dispatch_precision<Precisions>(p.param, p.master, p.grad, p.state, [&](auto prec) {
-    using Prec = decltype(prec);
-    std::apply(
-        [&](auto... rule) {
-          (
-              [&](auto r) {
-                using Rule = decltype(r);
-                if (c.optimizer.name != Rule::name) return;
-                std::apply(
-                    [&](auto... scaler) {
-                      (
-                          [&](auto s) {
-                            using Scaler = decltype(s);
-                            if (scaler_kind_of<Scaler>::value == c.scaler.kind)
-                              f(type_tag<optimizer<Rule, Prec, Scaler>>{});
-                          }(scaler),
-                          ...);
-                    },
-                    Scalers{});
-              }(rule),
-              ...);
-        },
-        Rules{});
+    using Prec = std::decay_t<decltype(prec)>;  // decay: GCC 12 reads these as references in nested lambdas
+    detail::for_each_type<Rules>([&](auto r) {
+      using Rule = std::decay_t<decltype(r)>;
+      if (rule != Rule::name) return;
+      detail::for_each_type<Scalers>([&](auto s) {
+        using Scaler = std::decay_t<decltype(s)>;
+        if (scaler_kind_of<Scaler>::value != c.scaler.kind) return;
+        if constexpr (!is_onebit_rule_v<Rule>) {
+          called = true;
+          f(type_tag<optimizer<Rule, Prec, Scaler>>{});
+        } else if constexpr (detail::onebit_selectable<Rule, Prec, Scaler>()) {
+          called = true;
+          f(type_tag<onebit::optimizer<Rule, Prec, Scaler>>{});
+        }
+      });
+    });
   });
   if (!found) return status{errc::unsupported, detail::precision_name(p) + missing + "Precisions; add it there"};
+  if (!called)  // a hand-made config: parse_config never gives one
+    return status{errc::unsupported,
+                  optimizer_type_name(c) +
+                      ": not a combination a valid 1-bit config selects (fp16 params and grads with a loss scaler, "
+                      "dynamic for OneBitLamb, or fp32 / bf16 ones without; an fp32 master and fp32 states), so "
+                      "dispatch() does not instantiate it; construct it directly"};
   return status::success();
 }
 

@@ -68,9 +68,14 @@ struct adam {
     s[0] = s[0] * k.beta1 + k.one_minus_beta1 * g;
     s[1] = s[1] * k.beta2 + k.one_minus_beta2 * (g * g);
     s[2] = detail::max_c(s[2], s[1]);
-    const C v = k.amsgrad ? s[2] : s[1];
+    w = update_weight(k, w, s[0], k.amsgrad ? s[2] : s[1]);
+  }
+
+  // The weight step from the moments, after the decay; the 1-bit rules (rule/onebit.hpp) call it with a frozen v.
+  template <class C>
+  MPOPT_HOST_DEVICE MPOPT_FORCEINLINE static C update_weight(const coeffs<C>& k, C w, C m, C v) {
     const C denom = detail::sqrt_c(v) / k.bias_correction2_sqrt + k.eps;
-    w = w - k.step_size * (s[0] / denom);
+    return w - k.step_size * (m / denom);
   }
 };
 

@@ -65,7 +65,12 @@ struct lamb {
   // The update direction from the stored moments; both phases call it, so they agree bit for bit.
   template <class C>
   MPOPT_HOST_DEVICE MPOPT_FORCEINLINE static C direction(const coeffs<C>& k, C w, const C* s) {
-    return (s[0] * k.inv_bc1) / (detail::sqrt_c(s[1] * k.inv_bc2) + k.eps) + k.weight_decay * w;
+    return adaptive(k, s) + k.weight_decay * w;
+  }
+  // m_hat / (sqrt(v_hat) + eps): the direction without weight decay (1-bit LAMB bounds its ratio to the direction).
+  template <class C>
+  MPOPT_HOST_DEVICE MPOPT_FORCEINLINE static C adaptive(const coeffs<C>& k, const C* s) {
+    return (s[0] * k.inv_bc1) / (detail::sqrt_c(s[1] * k.inv_bc2) + k.eps);
   }
 
   // Per tensor, from the L2 norms of the weights and of the direction (accumulated in double).
