@@ -242,6 +242,43 @@ inline std::string begin_save(comm::communicator& c, const std::string& dir, con
   return hex32(std::uint32_t(id[0])) + hex32(std::uint32_t(id[1]));
 }
 
+// Every rank's file size and CRC-32, on every rank (for the index rank 0 writes last).
+struct saved_file {
+  std::uint64_t bytes = 0;
+  std::uint32_t crc = 0;
+};
+inline std::vector<saved_file> gather_file_info(comm::communicator& c, std::uint64_t bytes, std::uint32_t crc) {
+  const std::size_t world = std::size_t(c.size()), at = 3 * std::size_t(c.rank());
+  std::vector<double> info(3 * world);  // 32-bit pieces travel exactly as doubles
+  info[at] = double(bytes >> 32);
+  info[at + 1] = double(bytes & 0xffffffffu);
+  info[at + 2] = double(crc);
+  c.all_gather(info.data(), std::vector<std::size_t>(world, 3));
+  std::vector<saved_file> out(world);
+  for (std::size_t q = 0; q < world; ++q)
+    out[q] = {(std::uint64_t(info[3 * q]) << 32) | std::uint64_t(info[3 * q + 1]), std::uint32_t(info[3 * q + 2])};
+  return out;
+}
+
+// The start of index.json: `{` and its "metadata" object, each key on its own line.
+inline std::string index_metadata_json(const meta_map& meta) {
+  std::string j = "{\n  \"metadata\": {";
+  bool first = true;
+  for (const auto& kv : meta) {
+    j += std::string(first ? "\n" : ",\n") + "    " + json::quote(kv.first) + ": " + json::quote(kv.second);
+    first = false;
+  }
+  return j + "\n  }";
+}
+
+inline status write_index(const std::string& dir, const std::string& text) {
+  atomic_file f;
+  status st = f.open(dir + "/" + index_name);
+  if (st.ok()) st = f.write(text.data(), text.size());
+  if (st.ok()) st = f.commit();
+  return st;
+}
+
 }  // namespace detail
 
 // The metadata describing `opt` (index.hpp lists the keys). Every rank computes the same.
@@ -342,25 +379,14 @@ void save(Opt& opt, const std::string& dir, const save_options& options = {}) {
   detail::agree(c, st, what);
 
   // Sizes and checksums to rank 0, which writes the index last.
-  std::vector<double> info(3 * std::size_t(world));
-  info[3 * std::size_t(rank)] = double(bytes >> 32);
-  info[3 * std::size_t(rank) + 1] = double(bytes & 0xffffffffu);
-  info[3 * std::size_t(rank) + 2] = double(crc);
-  c.all_gather(info.data(), std::vector<std::size_t>(std::size_t(world), 3));
+  const std::vector<detail::saved_file> files = detail::gather_file_info(c, bytes, crc);
   if (rank == 0) {
-    std::string j = "{\n  \"metadata\": {";
-    bool first = true;
-    for (const auto& kv : meta) {
-      j += std::string(first ? "\n" : ",\n") + "    " + json::quote(kv.first) + ": " + json::quote(kv.second);
-      first = false;
-    }
-    j += "\n  },\n  \"files\": [";
+    std::string j = detail::index_metadata_json(meta) + ",\n  \"files\": [";
     for (int q = 0; q < world; ++q) {
-      const std::uint64_t b =
-          (std::uint64_t(info[3 * std::size_t(q)]) << 32) | std::uint64_t(info[3 * std::size_t(q) + 1]);
+      const detail::saved_file& fq = files[std::size_t(q)];
       j += std::string(q ? ",\n" : "\n") + "    {\"rank\": " + std::to_string(q) +
-           ", \"file\": " + json::quote(rank_file_name(q, world)) + ", \"bytes\": " + std::to_string(b) +
-           ", \"crc32\": \"" + hex32(std::uint32_t(info[3 * std::size_t(q) + 2])) + "\", \"ranges\": [";
+           ", \"file\": " + json::quote(rank_file_name(q, world)) + ", \"bytes\": " + std::to_string(fq.bytes) +
+           ", \"crc32\": \"" + hex32(fq.crc) + "\", \"ranges\": [";
       for (std::size_t g = 0; g < opt.num_groups(); ++g) {
         const zero::range r = detail::saved_range(opt.layout(g).size, world, q);
         j += std::string(g ? ", " : "") + "[" + std::to_string(r.begin) + ", " + std::to_string(r.end) + "]";
@@ -368,10 +394,7 @@ void save(Opt& opt, const std::string& dir, const save_options& options = {}) {
       j += "]}";
     }
     j += "\n  ]\n}\n";
-    atomic_file f;
-    st = f.open(dir + "/" + index_name);
-    if (st.ok()) st = f.write(j.data(), j.size());
-    if (st.ok()) st = f.commit();
+    st = detail::write_index(dir, j);
   }
   detail::agree(c, st, what);
 }

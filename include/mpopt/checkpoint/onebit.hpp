@@ -292,35 +292,19 @@ void save(const onebit::optimizer<Rule, Prec, Scaler>& opt, const std::string& d
   detail::agree(c, st, what);
 
   // Sizes and checksums to rank 0, which writes the index last.
-  std::vector<double> info(3 * std::size_t(world));
-  info[3 * std::size_t(rank)] = double(bytes >> 32);
-  info[3 * std::size_t(rank) + 1] = double(bytes & 0xffffffffu);
-  info[3 * std::size_t(rank) + 2] = double(crc);
-  c.all_gather(info.data(), std::vector<std::size_t>(std::size_t(world), 3));
+  const std::vector<detail::saved_file> files = detail::gather_file_info(c, bytes, crc);
   if (rank == 0) {
-    std::string j = "{\n  \"metadata\": {";
-    bool first = true;
-    for (const auto& kv : meta) {
-      j += std::string(first ? "\n" : ",\n") + "    " + json::quote(kv.first) + ": " + json::quote(kv.second);
-      first = false;
-    }
     std::string ranges;  // the state file holds all of every group
     for (std::size_t g = 0; g < opt.num_groups(); ++g)
       ranges += std::string(g ? ", " : "") + "[0, " + std::to_string(opt.size(g)) + "]";
-    j += "\n  },\n  \"files\": [\n    " +
-         detail::file_json(0, onebit_state_file, state_bytes, state_crc, ", \"ranges\": [" + ranges + "]") +
-         "\n  ],\n  \"local_files\": [";
-    for (int q = 0; q < world; ++q) {
-      const std::size_t at = 3 * std::size_t(q);
-      const std::uint64_t b = (std::uint64_t(info[at]) << 32) | std::uint64_t(info[at + 1]);
+    std::string j = detail::index_metadata_json(meta) + ",\n  \"files\": [\n    " +
+                    detail::file_json(0, onebit_state_file, state_bytes, state_crc, ", \"ranges\": [" + ranges + "]") +
+                    "\n  ],\n  \"local_files\": [";
+    for (int q = 0; q < world; ++q)
       j += std::string(q ? ",\n    " : "\n    ") +
-           detail::file_json(q, local_file_name(q, world), b, std::uint32_t(info[at + 2]));
-    }
+           detail::file_json(q, local_file_name(q, world), files[std::size_t(q)].bytes, files[std::size_t(q)].crc);
     j += "\n  ]\n}\n";
-    atomic_file f;
-    st = f.open(dir + "/" + index_name);
-    if (st.ok()) st = f.write(j.data(), j.size());
-    if (st.ok()) st = f.commit();
+    st = detail::write_index(dir, j);
   }
   detail::agree(c, st, what);
 }

@@ -25,18 +25,41 @@ inline status check_step_count(const char* rule, const char* field, std::int64_t
   return status::success();
 }
 
+// The Adam hyper-parameters the three 1-bit rules share (DeepSpeed's defaults), their checks, and the exact rule they
+// are in the warm-up: AdamW without bias correction.
+struct onebit_moment_args {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.0;
+};
+
+inline status check_moment_args(const char* rule, const onebit_moment_args& a) {
+  return first_error(check_nonnegative(rule, "lr", a.lr), check_beta(rule, "beta1", a.beta1),
+                     check_beta(rule, "beta2", a.beta2), check_positive(rule, "eps", a.eps),
+                     check_nonnegative(rule, "weight_decay", a.weight_decay));
+}
+
+inline adam::args exact_adam_args(const onebit_moment_args& a) {
+  adam::args e;
+  e.lr = a.lr;
+  e.beta1 = a.beta1;
+  e.beta2 = a.beta2;
+  e.eps = a.eps;
+  e.weight_decay = a.weight_decay;
+  e.adam_w_mode = true;
+  e.bias_correction = false;
+  return e;
+}
+
 }  // namespace detail
 
 // 1-bit Adam (Tang et al. 2021): exact Adam for freeze_step steps, then the variance is frozen and the momentum is
 // averaged over ranks by the error-compensated 1-bit allreduce.
 struct onebit_adam {
   static constexpr const char* name = "onebit_adam";
-  struct args {
-    double lr = 1e-3;
-    double beta1 = 0.9;
-    double beta2 = 0.999;
-    double eps = 1e-8;
-    double weight_decay = 0.0;
+  struct args : detail::onebit_moment_args {
     std::int64_t freeze_step = 100000;  // exact steps before compression (DeepSpeed: ~15-25 % of training)
   };
   static constexpr int max_states = 2;
@@ -46,24 +69,10 @@ struct onebit_adam {
   static double initial_state(const args&, int) { return 0.0; }
 
   static status validate(const args& a) {
-    return detail::first_error(detail::check_nonnegative(name, "lr", a.lr), detail::check_beta(name, "beta1", a.beta1),
-                               detail::check_beta(name, "beta2", a.beta2), detail::check_positive(name, "eps", a.eps),
-                               detail::check_nonnegative(name, "weight_decay", a.weight_decay),
+    return detail::first_error(detail::check_moment_args(name, a),
                                detail::check_step_count(name, "freeze_step", a.freeze_step, 0));
   }
-
-  // The exact steps: AdamW without bias correction.
-  static adam::args exact(const args& a) {
-    adam::args e;
-    e.lr = a.lr;
-    e.beta1 = a.beta1;
-    e.beta2 = a.beta2;
-    e.eps = a.eps;
-    e.weight_decay = a.weight_decay;
-    e.adam_w_mode = true;
-    e.bias_correction = false;
-    return e;
-  }
+  static adam::args exact(const args& a) { return detail::exact_adam_args(a); }
 };
 
 // 0/1 Adam (Lu et al. 2022): the variance is updated only on exact steps that grow exponentially sparser (intervals
@@ -72,12 +81,7 @@ struct onebit_adam {
 // 1-bit allreduce every local_step_interval steps (1, 2, 4, ... up to local_step_clipper).
 struct zero_one_adam {
   static constexpr const char* name = "zero_one_adam";
-  struct args {
-    double lr = 1e-3;
-    double beta1 = 0.9;
-    double beta2 = 0.999;
-    double eps = 1e-8;
-    double weight_decay = 0.0;
+  struct args : detail::onebit_moment_args {
     std::int64_t var_freeze_step = 100000;
     std::int64_t var_update_scaler = 16;     // exact variance updates per interval before it doubles (kappa)
     std::int64_t local_step_scaler = 32678;  // local steps per interval before it doubles (DeepSpeed's default, sic)
@@ -90,23 +94,13 @@ struct zero_one_adam {
   static double initial_state(const args&, int) { return 0.0; }
 
   static status validate(const args& a) {
-    return detail::first_error(detail::check_nonnegative(name, "lr", a.lr), detail::check_beta(name, "beta1", a.beta1),
-                               detail::check_beta(name, "beta2", a.beta2), detail::check_positive(name, "eps", a.eps),
-                               detail::check_nonnegative(name, "weight_decay", a.weight_decay),
+    return detail::first_error(detail::check_moment_args(name, a),
                                detail::check_step_count(name, "var_freeze_step", a.var_freeze_step, 0),
                                detail::check_step_count(name, "var_update_scaler", a.var_update_scaler, 1),
                                detail::check_step_count(name, "local_step_scaler", a.local_step_scaler, 1),
                                detail::check_step_count(name, "local_step_clipper", a.local_step_clipper, 1));
   }
-  static adam::args exact(const args& a) {
-    onebit_adam::args o;
-    o.lr = a.lr;
-    o.beta1 = a.beta1;
-    o.beta2 = a.beta2;
-    o.eps = a.eps;
-    o.weight_decay = a.weight_decay;
-    return onebit_adam::exact(o);
-  }
+  static adam::args exact(const args& a) { return detail::exact_adam_args(a); }
 };
 
 // 1-bit LAMB (Li et al. 2021): exact LAMB for freeze_step steps while an EMA of the trust ratios is kept; then the
@@ -115,12 +109,7 @@ struct zero_one_adam {
 // bounded to [factor_min, factor_max] and to factor_threshold of its last value.
 struct onebit_lamb {
   static constexpr const char* name = "onebit_lamb";
-  struct args {
-    double lr = 1e-3;
-    double beta1 = 0.9;
-    double beta2 = 0.999;
-    double eps = 1e-8;
-    double weight_decay = 0.0;
+  struct args : detail::onebit_moment_args {
     std::int64_t freeze_step = 100000;
     double max_coeff = 10.0;
     double min_coeff = 0.01;
@@ -137,10 +126,7 @@ struct onebit_lamb {
 
   static status validate(const args& a) {
     status s = detail::first_error(
-        detail::check_nonnegative(name, "lr", a.lr), detail::check_beta(name, "beta1", a.beta1),
-        detail::check_beta(name, "beta2", a.beta2), detail::check_positive(name, "eps", a.eps),
-        detail::check_nonnegative(name, "weight_decay", a.weight_decay),
-        detail::check_step_count(name, "freeze_step", a.freeze_step, 0),
+        detail::check_moment_args(name, a), detail::check_step_count(name, "freeze_step", a.freeze_step, 0),
         detail::check_nonnegative(name, "min_coeff", a.min_coeff), detail::check_beta(name, "coeff_beta", a.coeff_beta),
         detail::check_positive(name, "factor_min", a.factor_min),
         detail::check_nonnegative(name, "factor_threshold", a.factor_threshold));
