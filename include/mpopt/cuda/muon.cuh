@@ -386,35 +386,7 @@ class muon_optimizer {
   const status& last_error() const noexcept { return last_error_; }
 
   // The outcome of the latest step() on `stream`: copies the step scalars back and waits for the stream.
-  step_result result(cudaStream_t stream) const {
-    step_result r;
-    if (!last_error_.ok()) {
-      r.error = last_error_;
-      return r;
-    }
-    scalars_type h{};
-    cudaError_t err = cudaMemcpyAsync(&h, scalars_.get(), sizeof h, cudaMemcpyDeviceToHost, stream);
-    if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
-    if (err != cudaSuccess) {
-      (void)cudaGetLastError();
-      r.error = to_status(err, "result: copying the step scalars back");
-      return r;
-    }
-    const step_core& c = h.core;
-    r.applied = c.applied != 0;
-    r.reason = skip_reason(c.reason);
-    r.grad_norm = c.grad_norm;
-    r.clip_coef = c.clip_coef;
-    r.loss_scale = double(c.loss_scale);
-    r.next_loss_scale = double(c.next_loss_scale);
-    r.event = scale_event(c.event);
-    r.step = c.step;
-    if (c.code == int(errc::scale_at_minimum))
-      r.error = status{errc::scale_at_minimum,
-                       "loss scale " + std::to_string(r.loss_scale) +
-                           " is already at its minimum and the gradients overflowed again (error_at_min is on)"};
-    return r;
-  }
+  step_result result(cudaStream_t stream) const { return read_step_result(scalars_.get(), last_error_, stream); }
 
   std::size_t num_matrix_groups() const noexcept { return matrices_.size(); }
   std::size_t num_aux_groups() const noexcept { return aux_.size(); }

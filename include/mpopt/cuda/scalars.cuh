@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include <cub/block/block_reduce.cuh>
@@ -19,6 +20,7 @@
 #include "../scaler/loss_scaler.hpp"
 #include "../scaler/scalers.hpp"
 #include "../scaler/unscale_clip.hpp"
+#include "error.cuh"
 #include "launch.cuh"
 
 namespace mpopt::cuda {
@@ -47,6 +49,40 @@ struct step_scalars {
   step_core core;  // first, so a step_scalars* is also a step_core* (the update kernels take that)
   ScalerState scaler;
 };
+
+// The outcome of the step whose scalars `device` holds, once `stream` reaches it: copies them back and waits (the
+// CUDA optimizers' opt-in synchronising result()). A failed launch of that step (`launch_error`) is the outcome.
+template <class ScalerState>
+step_result read_step_result(const step_scalars<ScalerState>* device, const status& launch_error, cudaStream_t stream) {
+  step_result r;
+  if (!launch_error.ok()) {
+    r.error = launch_error;
+    return r;
+  }
+  step_scalars<ScalerState> h{};
+  cudaError_t err = cudaMemcpyAsync(&h, device, sizeof h, cudaMemcpyDeviceToHost, stream);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    r.error = to_status(err, "result: copying the step scalars back");
+    return r;
+  }
+  const step_core& c = h.core;
+  r.applied = c.applied != 0;
+  r.reason = skip_reason(c.reason);
+  r.grad_norm = c.grad_norm;
+  r.clip_coef = c.clip_coef;
+  r.loss_scale = double(c.loss_scale);
+  r.next_loss_scale = double(c.next_loss_scale);
+  r.event = scale_event(c.event);
+  r.step = c.step;
+  if (c.code == int(errc::scale_at_minimum)) {
+    r.error = status{errc::scale_at_minimum,
+                     "loss scale " + std::to_string(r.loss_scale) +
+                         " is already at its minimum and the gradients overflowed again (error_at_min is on)"};
+  }
+  return r;
+}
 
 // step_options as the kernels read them (set_options writes them on the stream).
 struct device_options {
