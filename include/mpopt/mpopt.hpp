@@ -4,6 +4,7 @@
 #include "comm/communicator.hpp"
 #include "config.hpp"
 #include "error.hpp"
+#include "grad_accumulation.hpp"
 #include "numeric.hpp"
 #include "optimizer.hpp"
 #include "policy/precision.hpp"

@@ -28,6 +28,7 @@
 #include "host/aligned_buffer.hpp"
 #include "host/executor.hpp"
 #include "host/newton_schulz.hpp"
+#include "numeric/accumulate.hpp"
 #include "numeric/convert.hpp"
 #include "numeric/traits.hpp"
 #include "optimizer.hpp"
@@ -209,19 +210,90 @@ class muon_optimizer {
     for_each_tensor(part, g, [&](const item& it) { gather_item(it, master_of(it), out + it.offset); });
   }
   void gather_state(muon_part part, std::size_t g, int j, state_t* out) {
-    check_group(part, g);
-    const int count = part == muon_part::matrices ? 1 : adamw::num_states(aux_[g].hparams);
-    if (j < 0 || j >= count)
-      throw error(status::invalid("gather_state: state index " + std::to_string(j) + " out of range for " +
-                                  part_name(part) + " group " + std::to_string(g) + " (" + std::to_string(count) +
-                                  " states)"));
+    check_state_index(part, g, j, "gather_state");
     for_each_tensor(part, g, [&](const item& it) { gather_item(it, state_of(it, j), out + it.offset); });
+  }
+
+  // Checkpoints (checkpoint/muon.hpp). Group g's tensors: its matrices, or its aux tensors (one when the group has
+  // no tensor_sizes); its states: 1 for matrices, AdamW's count for aux groups.
+  comm::communicator& communicator() const noexcept { return *comm_; }
+  const scaler_args& scaler_arguments() const noexcept { return scaler_args_; }
+  void set_step_count(std::int64_t step) {
+    if (step < 0) throw error(status::invalid("set_step_count: step must be >= 0, got " + std::to_string(step)));
+    step_ = step;
+  }
+  const std::vector<matrix_shape>& matrix_shapes(std::size_t g) const { return matrices_.at(g).shapes; }
+  std::size_t num_tensors(muon_part part, std::size_t g) const {
+    check_group(part, g);
+    const std::vector<std::size_t>& first = part == muon_part::matrices ? matrix_first_ : aux_first_;
+    return first[g + 1] - first[g];
+  }
+  std::size_t tensor_size(muon_part part, std::size_t g, std::size_t t) const {
+    return items_[item_index(part, g, t, "tensor_size")].size;
+  }
+  int num_states(muon_part part, std::size_t g) const {
+    check_group(part, g);
+    return part == muon_part::matrices ? muon::max_states : adamw::num_states(aux_[g].hparams);
+  }
+  // Whether this rank holds tensor t's master and states: its owner, or every rank at stage 0 or on one rank. Then
+  // master() and state() point at its tensor_size() elements; otherwise they throw.
+  bool holds(muon_part part, std::size_t g, std::size_t t) const {
+    return items_[item_index(part, g, t, "holds")].held;
+  }
+  // (master_of and state_of only form pointers; they are non-const for step()'s writes.)
+  const master_t* master(muon_part part, std::size_t g, std::size_t t) const {
+    return const_cast<muon_optimizer*>(this)->master_of(held_item(part, g, t, "master"));
+  }
+  const state_t* state(muon_part part, std::size_t g, std::size_t t, int j) const {
+    check_state_index(part, g, j, "state");
+    return const_cast<muon_optimizer*>(this)->state_of(held_item(part, g, t, "state"), j);
+  }
+  // Restore a held tensor from `values` (n = its size). set_local_master also rewrites this rank's param copy of it;
+  // publish_params() then copies every owner's params into the other ranks' (collective at stages 1-2; a no-op
+  // otherwise), as step() does.
+  void set_local_master(muon_part part, std::size_t g, std::size_t t, const master_t* values, std::size_t n) {
+    const item& it = held_item(part, g, t, "set_local_master");
+    check_tensor_size(it, n, "set_local_master");
+    master_t* m = master_of(it);
+    param_t* p = params_of(it);
+    for (std::size_t i = 0; i < n; ++i) {
+      m[i] = values[i];
+      if constexpr (Prec::separate_master) p[i] = convert<param_t>(values[i]);
+    }
+  }
+  void set_state(muon_part part, std::size_t g, std::size_t t, int j, const state_t* values, std::size_t n) {
+    check_state_index(part, g, j, "set_state");
+    const item& it = held_item(part, g, t, "set_state");
+    check_tensor_size(it, n, "set_state");
+    std::copy(values, values + n, state_of(it, j));
+  }
+
+  // Stages 1-2: every owner's params into every rank's params (collective).
+  void publish_params() {
+    if (!sharded()) return;
+    for_each_piece([&](zero::range piece) {
+      for_each_overlap(piece, [&](const item& it, std::size_t first, std::size_t count, std::size_t at) {
+        if (it.owner != rank_) return;
+        const param_t* p = params_of(it) + first;
+        std::copy(p, p + count, param_stage_.data() + at);
+      });
+      comm_->all_gather(param_stage_.data(), counts_);
+      for_each_overlap(piece, [&](const item& it, std::size_t first, std::size_t count, std::size_t at) {
+        if (it.owner == rank_) return;
+        std::copy(param_stage_.data() + at, param_stage_.data() + at + count, params_of(it) + first);
+      });
+    });
   }
 
   // Stage 2: reduces (mean over ranks) the grads of tensors [first, last) of group g, `grads` holding their elements
   // contiguously, to their owners, adding them to what was reduced since the last step. Collective; afterwards the
   // caller may reuse `grads`.
-  void reduce_grads(muon_part part, std::size_t g, std::size_t first, std::size_t last, const grad_t* grads) {
+  // G may differ from grad_t: micro-batch grads in the model's dtype accumulate in the grad role's dtype
+  // (grad_accumulation.hpp).
+  template <class G>
+  void reduce_grads(muon_part part, std::size_t g, std::size_t first, std::size_t last, const G* grads) {
+    static_assert(is_element_type_v<G>,
+                  "mpopt::muon_optimizer::reduce_grads: grads must point to float, double, half_t or bf16_t");
     if (zero_.stage != 2)
       throw error(status::invalid("reduce_grads: ZeRO stage " + std::to_string(zero_.stage) +
                                   " reduces the groups' grads in step(); reduce_grads is for stage 2"));
@@ -341,9 +413,28 @@ class muon_optimizer {
                                   " out of range (" + std::to_string(count) + " groups)"));
   }
 
-  std::size_t num_tensors(muon_part part, std::size_t g) const {
-    const std::vector<std::size_t>& first = part == muon_part::matrices ? matrix_first_ : aux_first_;
-    return first[g + 1] - first[g];
+  void check_state_index(muon_part part, std::size_t g, int j, const char* what) const {
+    const int count = num_states(part, g);
+    if (j < 0 || j >= count)
+      throw error(status::invalid(std::string(what) + ": state index " + std::to_string(j) + " out of range for " +
+                                  part_name(part) + " group " + std::to_string(g) + " (" + std::to_string(count) +
+                                  " states)"));
+  }
+
+  const item& held_item(muon_part part, std::size_t g, std::size_t t, const char* what) const {
+    const item& it = items_[item_index(part, g, t, what)];
+    if (!it.held)
+      throw error(status::invalid(std::string(what) + ": " + part_name(part) + " group " + std::to_string(g) +
+                                  " tensor " + std::to_string(t) + " is held by rank " + std::to_string(it.owner) +
+                                  ", not by rank " + std::to_string(rank_)));
+    return it;
+  }
+
+  static void check_tensor_size(const item& it, std::size_t n, const char* what) {
+    if (n != it.size)
+      throw error(status::invalid(std::string(what) + ": " + part_name(it.part) + " group " + std::to_string(it.group) +
+                                  " tensor " + std::to_string(it.tensor) + " has " + std::to_string(it.size) +
+                                  " elements, got n = " + std::to_string(n)));
   }
 
   std::size_t item_index(muon_part part, std::size_t g, std::size_t t, const char* what) const {
@@ -623,12 +714,12 @@ class muon_optimizer {
   }
 
   // Stage 2: one tensor's grads, mean over ranks, added to its owner's reduced grads.
-  void reduce_to_owner(const item& it, const grad_t* g) {
+  template <class G>
+  void reduce_to_owner(const item& it, const G* g) {
     const reduce_type world = reduce_type(world_);
     if (world_ == 1) {
       grad_t* out = reduced_.data() + it.local;
-      for (std::size_t i = 0; i < it.size; ++i)
-        out[i] = convert<grad_t>(convert<reduce_type>(out[i]) + convert<reduce_type>(g[i]));
+      for (std::size_t i = 0; i < it.size; ++i) out[i] = accumulate_grad(out[i], convert<reduce_type>(g[i]));
       return;
     }
     for (std::size_t b = 0; b < it.size; b += zero_.bucket_elements) {
@@ -639,7 +730,7 @@ class muon_optimizer {
       comm_->reduce_scatter(send_.data(), recv_.data(), counts_, comm::reduce_op::sum);
       if (it.owner != rank_) continue;
       grad_t* out = reduced_.data() + it.local + b;
-      for (std::size_t i = 0; i < n; ++i) out[i] = convert<grad_t>(convert<reduce_type>(out[i]) + recv_[i] / world);
+      for (std::size_t i = 0; i < n; ++i) out[i] = accumulate_grad(out[i], recv_[i] / world);
     }
   }
 
@@ -695,23 +786,6 @@ class muon_optimizer {
     for (int j = 0; j < ns; ++j) v.states[j] = state_of(it, j);
     v.rounding = rounding_ctx(it);
     host::update_elementwise<adamw, Prec>(v, adamw::prepare<compute_t>(hp, step_), ns, factor);
-  }
-
-  // Stages 1-2: every owner's updated params into every rank's params.
-  void publish_params() {
-    if (!sharded()) return;
-    for_each_piece([&](zero::range piece) {
-      for_each_overlap(piece, [&](const item& it, std::size_t first, std::size_t count, std::size_t at) {
-        if (it.owner != rank_) return;
-        const param_t* p = params_of(it) + first;
-        std::copy(p, p + count, param_stage_.data() + at);
-      });
-      comm_->all_gather(param_stage_.data(), counts_);
-      for_each_overlap(piece, [&](const item& it, std::size_t first, std::size_t count, std::size_t at) {
-        if (it.owner == rank_) return;
-        std::copy(param_stage_.data() + at, param_stage_.data() + at + count, params_of(it) + first);
-      });
-    });
   }
 
   comm::communicator* comm_;

@@ -1,4 +1,5 @@
 #pragma once
+#include "numeric/accumulate.hpp"
 #include "numeric/bf16.hpp"
 #include "numeric/convert.hpp"
 #include "numeric/half.hpp"

@@ -18,6 +18,7 @@
 #include "error.hpp"
 #include "host/aligned_buffer.hpp"
 #include "host/executor.hpp"
+#include "numeric/accumulate.hpp"
 #include "numeric/convert.hpp"
 #include "numeric/traits.hpp"
 #include "policy/precision.hpp"
@@ -276,6 +277,7 @@ class optimizer {
       groups_.push_back(make_group(std::move(spec)));
     }
     step_grads_.resize(groups_.size());
+    counts_.reserve(std::size_t(world_));
     if (world_ > 1 || zero_.stage >= 2) {
       const std::size_t n = std::min(largest, zero_.bucket_elements);
       send_ = host::aligned_buffer<reduce_type>(n);
@@ -381,6 +383,17 @@ class optimizer {
     check_local_size(g, n, "set_state");
     std::copy(values, values + n, groups_[g].states[std::size_t(j)].data());
   }
+  // kahan_summation: group g's compensation over local_range(g), as compensation(g) holds it. Not collective.
+  void set_local_compensation(std::size_t g, const master_t* values, std::size_t n) {
+    check_local_size(g, n, "set_local_compensation");
+    if constexpr (std::is_same_v<typename Prec::master_rounding, kahan_summation>) {
+      std::copy(values, values + n, groups_[g].compensation.data());
+    } else {
+      throw error(status::invalid(
+          "set_local_compensation: only a master<T, kahan_summation> keeps a compensation buffer, this optimizer's "
+          "master rounds by another rule"));
+    }
+  }
   // Group g's tensor sizes as constructed (empty: one tensor), and the scaler's arguments: saved as metadata.
   const std::vector<std::size_t>& tensor_sizes(std::size_t g) const { return groups_.at(g).spec.tensor_sizes; }
   const scaler_args& scaler_arguments() const noexcept { return scaler_args_; }
@@ -401,8 +414,12 @@ class optimizer {
  public:
   // Stages 2 and 3: reduces (mean over ranks) the grads of tensors [first, last) of group g, `grads` holding their
   // elements contiguously, and adds them to this rank's shard of the group's grads. Collective; afterwards the
-  // caller may reuse `grads`. step() consumes what was reduced.
-  void reduce_grads(std::size_t g, std::size_t first, std::size_t last, const grad_t* grads) {
+  // caller may reuse `grads`. step() consumes what was reduced. G may differ from grad_t: micro-batch grads in the
+  // model's dtype accumulate in the grad role's dtype (grad_accumulation.hpp).
+  template <class G>
+  void reduce_grads(std::size_t g, std::size_t first, std::size_t last, const G* grads) {
+    static_assert(is_element_type_v<G>,
+                  "mpopt::optimizer::reduce_grads: grads must point to float, double, half_t or bf16_t");
     if (zero_.stage < 2)
       throw error(status::invalid("reduce_grads: ZeRO stage " + std::to_string(zero_.stage) +
                                   " reduces param_group::grads in step(); reduce_grads is for stages 2 and 3"));
@@ -494,6 +511,68 @@ class optimizer {
       for (group& grp : groups_) publish_params(grp);
     }
     for (group& grp : groups_) consume_grads(grp);  // applied or skipped, this step's grads are spent
+    return plan.result;
+  }
+
+  // step() in pieces, for a caller that moves grads in and params out while the step runs (CPU offload,
+  // cuda/offload.cuh); the same result and bits as step(). Each group is taken in pieces of piece_elements (a
+  // multiple of host::reduce_block, so the norm's blocks are step()'s); rules with per-tensor ratios (LAMB) update a
+  // group whole. For every piece [begin, end) of group g:
+  //   grads_ready(g, begin, end)   once, before the step reads those grads: wait for them to arrive;
+  //   params_ready(g, begin, end)  once, after those params hold their final values; only when the step applies.
+  // With grad statistics (overflow check or clipping) every grad is read before any update; without, the pieces
+  // stream: piece k is updated and handed back while piece k + 1 arrives. One rank, ZeRO stage 0.
+  template <class GradsReady, class ParamsReady>
+  step_result step_pipelined(std::size_t piece_elements, GradsReady&& grads_ready, ParamsReady&& params_ready) {
+    if (world_ != 1 || zero_.stage != 0)
+      throw error(status::invalid("step_pipelined: one rank at ZeRO stage 0 only, this optimizer has " +
+                                  std::to_string(world_) + " ranks at stage " + std::to_string(zero_.stage)));
+    if (piece_elements == 0 || piece_elements % host::reduce_block != 0)
+      throw error(status::invalid("step_pipelined: piece_elements must be a positive multiple of " +
+                                  std::to_string(host::reduce_block) + ", got " + std::to_string(piece_elements)));
+    for (std::size_t g = 0; g < groups_.size(); ++g)
+      if (groups_[g].spec.grads == nullptr && groups_[g].spec.size > 0)
+        throw error(status::invalid("step_pipelined: group " + std::to_string(g) + " has no grads"));
+    auto for_each_piece = [&](std::size_t g, auto&& f) {
+      const std::size_t n = groups_[g].spec.size;
+      for (std::size_t b = 0; b < n; b += piece_elements) f(zero::range{b, std::min(n, b + piece_elements)});
+    };
+    const bool need_stats = Scaler::skips_on_overflow(scaler_args_) || options_.max_grad_norm > 0;
+    double sum_sq = 0.0;
+    bool nonfinite = false;
+    if (need_stats) {
+      for (std::size_t g = 0; g < groups_.size(); ++g) {
+        group& grp = groups_[g];
+        for_each_piece(g, [&](zero::range r) {
+          grads_ready(g, r.begin, r.end);
+          host::reduce_grad_partials(grp.spec.grads + r.begin, r.size(),
+                                     grp.stat_partials.data() + r.begin / host::reduce_block);
+        });
+        const double s = host::sum_in_order(grp.stat_partials.data(), grp.stat_partials.size());
+        sum_sq += s;
+        nonfinite = nonfinite || !std::isfinite(s);
+      }
+    }
+    detail::step_plan plan =
+        detail::plan_step<Scaler>(scaler_state_, scaler_args_, options_, need_stats, sum_sq, nonfinite, step_);
+    if (plan.result.applied) {
+      ++step_;
+      const compute_t factor = compute_t(plan.factor.factor);
+      for (std::size_t g = 0; g < groups_.size(); ++g) {
+        group& grp = groups_[g];
+        if constexpr (Rule::per_tensor) {
+          if (!need_stats) for_each_piece(g, [&](zero::range r) { grads_ready(g, r.begin, r.end); });
+          update_group(grp, grp.spec.grads, factor);
+          for_each_piece(g, [&](zero::range r) { params_ready(g, r.begin, r.end); });
+        } else {
+          for_each_piece(g, [&](zero::range r) {
+            if (!need_stats) grads_ready(g, r.begin, r.end);
+            update_group(grp, grp.spec.grads, factor, r);
+            params_ready(g, r.begin, r.end);
+          });
+        }
+      }
+    }
     return plan.result;
   }
 
@@ -638,21 +717,23 @@ class optimizer {
   // Reduces grads g[0, r.size()) (group elements r) over the ranks: each rank receives the mean of the elements of
   // `local` and stores it in `reduced` (or adds it). Stage 0 then all-gathers the rounded means, so every replica
   // holds the same bits (an all-reduce need not give every rank the same rounding).
-  void reduce_range(group& grp, zero::range r, const grad_t* g, bool accumulate) {
+  template <class G>
+  void reduce_range(group& grp, zero::range r, const G* g, bool accumulate) {
     const zero::partition& part = grp.reduce_part;
     for_each_bucket(r, [&](zero::range piece) {
       for (std::size_t i = piece.begin; i < piece.end; ++i)
         send_[i - piece.begin] = convert<reduce_type>(g[i - r.begin]);
-      comm_->reduce_scatter(send_.data(), recv_.data(), part.counts(piece), comm::reduce_op::sum);
+      part.counts(piece, counts_);
+      comm_->reduce_scatter(send_.data(), recv_.data(), counts_, comm::reduce_op::sum);
       const zero::range mine = zero::intersect(piece, part.owned(rank_));
       grad_t* out = grp.reduced.data();  // element i of the group is out[i - local.begin]
       const reduce_type world = reduce_type(world_);
       for (std::size_t i = mine.begin; i < mine.end; ++i) {
         const reduce_type mean = recv_[i - mine.begin] / world;
         grad_t& o = out[i - grp.local.begin];
-        o = convert<grad_t>(accumulate ? convert<reduce_type>(o) + mean : mean);
+        o = accumulate ? accumulate_grad(o, mean) : convert<grad_t>(mean);
       }
-      if (zero_.stage == 0) comm_->all_gather(out + piece.begin, part.counts(piece));  // local.begin is 0
+      if (zero_.stage == 0) comm_->all_gather(out + piece.begin, counts_);  // local.begin is 0; the same counts
     });
   }
 
@@ -690,20 +771,23 @@ class optimizer {
     return host::sum_in_order(partial.data(), partial.size());
   }
 
-  void update_group(group& grp, const grad_t* g, compute_t factor) {
+  // Updates local elements r of the group (all of them by default; elementwise rules only for a part), g holding
+  // the grads of the whole local range.
+  void update_group(group& grp, const grad_t* g, compute_t factor, zero::range r = {0, ~std::size_t(0)}) {
+    r.end = std::min(r.end, grp.local.size());
     view_type v;
-    v.param = grp.local_params();
-    v.master = grp.master();
-    v.grad = g;
-    v.n = grp.local.size();
-    for (int j = 0; j < grp.num_states; ++j) v.states[j] = grp.states[std::size_t(j)].data();
+    v.param = grp.local_params() + r.begin;
+    v.master = grp.master() + r.begin;
+    v.grad = g + r.begin;
+    v.n = r.size();
+    for (int j = 0; j < grp.num_states; ++j) v.states[j] = grp.states[std::size_t(j)].data() + r.begin;
     // Philox key: the seed, with the group index in its high word so groups draw independent bits.
     const std::uint64_t key = options_.rounding_seed ^ (std::uint64_t(&grp - groups_.data()) << 48);
     v.rounding.key[0] = std::uint32_t(key);
     v.rounding.key[1] = std::uint32_t(key >> 32);
     v.rounding.step = std::uint64_t(step_);
-    v.rounding.first_index = grp.local.begin;
-    v.rounding.compensation = grp.compensation.size() > 0 ? grp.compensation.data() : nullptr;
+    v.rounding.first_index = grp.local.begin + r.begin;
+    v.rounding.compensation = grp.compensation.size() > 0 ? grp.compensation.data() + r.begin : nullptr;
     const auto k = Rule::template prepare<compute_t>(grp.spec.hparams, step_);
     if constexpr (Rule::per_tensor) {
       // Each rank's segments are a run of the group's; their partials, all-gathered, add up as single-rank ones.
@@ -729,8 +813,10 @@ class optimizer {
   // In place: buf holds group elements r, this rank's own already in place.
   template <class T>
   void all_gather_range(const group& grp, zero::range r, T* buf) {
-    for_each_bucket(
-        r, [&](zero::range piece) { comm_->all_gather(buf + (piece.begin - r.begin), grp.part.counts(piece)); });
+    for_each_bucket(r, [&](zero::range piece) {
+      grp.part.counts(piece, counts_);
+      comm_->all_gather(buf + (piece.begin - r.begin), counts_);
+    });
   }
 
   // A full copy of a sharded per-element buffer (local range at `local`) into out[0, size).
@@ -751,6 +837,7 @@ class optimizer {
   std::int64_t step_ = 0;
   std::vector<const grad_t*> step_grads_;
   host::aligned_buffer<reduce_type> send_, recv_;  // reduction workspace, bucket_elements each at most
+  std::vector<std::size_t> counts_;                // per-rank counts of one collective (workspace)
   std::map<std::tuple<std::size_t, std::size_t, std::size_t>, live_gather> live_;
   std::size_t live_elements_ = 0;
 };

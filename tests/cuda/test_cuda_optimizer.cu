@@ -1,12 +1,15 @@
 // mpopt::cuda::optimizer's step semantics against mpopt::optimizer (the host backend): scaler sequences, overflow
 // skips that leave every buffer untouched, clipping, error_at_min, the scale-order option, many groups (a tensor
 // table far above the 4 KB kernel-argument limit) with an lr schedule, LAMB's per-tensor trust ratios, validation
-// messages, and a whole step captured in a CUDA graph and replayed against uncaptured steps, bit for bit.
+// messages, and a whole step captured in a CUDA graph and replayed against uncaptured steps, bit for bit; and the
+// gradient-accumulation kernel against the host loop.
 #include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
 
+#include "mpopt/cuda/grad_accumulation.cuh"
+#include "mpopt/grad_accumulation.hpp"
 #include "test_cuda_support.cuh"
 
 using namespace mpopt_test;
@@ -466,4 +469,46 @@ TEST_CASE("a whole step captured in a CUDA graph replays exactly as uncaptured s
   plain.opt.reset();
   replayed.opt.reset();
   MPOPT_CUDA_REQUIRE(cudaStreamDestroy(stream));
+}
+
+namespace {
+
+// Four micro-batches of G accumulated into Accum on the device and on the host: the same bits, aligned (vector
+// path) and misaligned by one element (scalar path), over a length that leaves a tail.
+template <class Accum, class G>
+void check_accumulation(std::size_t offset) {
+  const std::size_t n = 100003;
+  std::vector<Accum> host(n);
+  std::vector<std::vector<G>> micro(4, std::vector<G>(n + offset));
+  for (std::size_t k = 0; k < micro.size(); ++k)
+    for (std::size_t i = 0; i < n + offset; ++i)
+      micro[k][i] = mpopt::convert<G>(
+          float(std::ldexp(double((i * 2654435761u + k * 40503u) % 2001) - 1000.0, -int((i + k) % 24))));
+  device_buffer<Accum> acc(n + offset, "accumulator");
+  for (std::size_t k = 0; k < micro.size(); ++k) {
+    const device_buffer<G> d = to_device(micro[k]);
+    if (k == 0) {
+      mpopt::assign_grads(host.data(), micro[k].data() + offset, n);
+      MPOPT_CUDA_REQUIRE(mpopt::cuda::assign_grads(acc.get() + offset, d.get() + offset, n));
+    } else {
+      mpopt::accumulate_grads(host.data(), micro[k].data() + offset, n);
+      MPOPT_CUDA_REQUIRE(mpopt::cuda::accumulate_grads(acc.get() + offset, d.get() + offset, n));
+    }
+    MPOPT_CUDA_REQUIRE(cudaDeviceSynchronize());
+  }
+  CHECK(same_bits(to_host(acc.get() + offset, n), host));
+}
+
+}  // namespace
+
+TEST_CASE("gradient accumulation on the device gives the host's bits") {
+  for (std::size_t offset : {std::size_t(0), std::size_t(1)}) {
+    CAPTURE(offset);
+    check_accumulation<float, mpopt::bf16_t>(offset);
+    check_accumulation<mpopt::bf16_t, mpopt::bf16_t>(offset);
+    check_accumulation<float, half_t>(offset);
+    check_accumulation<half_t, float>(offset);
+  }
+  MPOPT_CUDA_REQUIRE(
+      mpopt::cuda::accumulate_grads(static_cast<float*>(nullptr), static_cast<const float*>(nullptr), 0));
 }

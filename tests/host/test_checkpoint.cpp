@@ -1,21 +1,16 @@
 // Checkpoints on one rank: the safetensors bytes, bitwise resume for every ZeRO stage and several precision
 // policies and rules (the uninterrupted run is the reference), bad input (each error names the key and both values,
-// and the optimizer is left unchanged), and consolidation into full tensors.
+// and the optimizer is left unchanged), and consolidation into full tensors. A Kahan master's compensation resumes
+// bitwise too, crosses to and from other master roundings only when asked, and is summed into consolidated weights.
 #include <doctest/doctest.h>
 
 #include <mpopt/checkpoint/checkpoint.hpp>
 #include <mpopt/checkpoint/consolidate.hpp>
 #include <mpopt/mpopt.hpp>
 
-#include <unistd.h>
-
-#include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <string>
-#include <system_error>
 #include <vector>
 
 #include "../checkpoint/harness.hpp"
@@ -24,33 +19,10 @@ namespace {
 
 namespace ck = mpopt::checkpoint;
 namespace fs = std::filesystem;
+using ckpt_test::read_all;
+using ckpt_test::write_all;
 
-fs::path scratch_root() {
-  return fs::temp_directory_path() / ("mpopt_ckpt_host_" + std::to_string(::getpid()));
-}
-
-// Removes this process's scratch directories at exit.
-struct scratch_cleanup {
-  ~scratch_cleanup() {
-    std::error_code ec;
-    fs::remove_all(scratch_root(), ec);
-  }
-} cleanup_at_exit;
-
-std::string scratch(const std::string& name) {
-  const fs::path p = scratch_root() / name;
-  fs::remove_all(p);
-  return p.string();
-}
-
-std::string read_all(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-}
-void write_all(const std::string& path, const std::string& bytes) {
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f.write(bytes.data(), std::streamsize(bytes.size()));
-}
+const ckpt_test::scratch_space scratch("mpopt_ckpt_host_");
 
 constexpr int kSaveAfter = 3, kMore = 3, kOverflowStep = 1;
 
@@ -90,11 +62,20 @@ void check_resume(const config<Rule, Prec, Scaler>& c, int save_stage, int load_
     run.step();
   }
   ck::save(run, dir);
+  const auto at_save = ckpt_test::take(run);
+  if constexpr (ckpt_test::is_kahan_v<O>) {  // the compensation carries state: most weights dropped a rounding
+    std::size_t nonzero = 0, total = 0;
+    for (const auto& comp : at_save.compensation)
+      for (const auto& v : comp) nonzero += float(v) != 0.f, ++total;
+    CHECK(nonzero > total / 2);
+  }
 
   typename Rule::args other = c.hp;
   other.lr *= 3;  // restored from the checkpoint
   O resumed(resumed_m.specs(other), one, zl, c.sargs, so);
   ck::load(resumed, dir);
+  const std::string loaded = ckpt_test::diff(at_save, ckpt_test::take(resumed));
+  CHECK_MESSAGE(loaded.empty(), "right after load: " << loaded);
   CHECK(resumed.hparams(0).lr == c.hp.lr);
   CHECK(resumed.step_count() == run.step_count());
   CHECK(resumed.loss_scale() == run.loss_scale());
@@ -113,6 +94,12 @@ using adamw_fp32 = config<mpopt::adamw, mpopt::fp32_policy, mpopt::no_scaler>;
 using lamb_bf16 = config<mpopt::lamb, mpopt::bf16_mixed_policy, mpopt::no_scaler>;
 using adamw_fp16 = config<mpopt::adamw, mpopt::fp16_mixed_policy, mpopt::dynamic_scaler>;
 using adamw_pure = config<mpopt::adamw, mpopt::bf16_pure_policy, mpopt::no_scaler>;
+// All-bf16 with Kahan summation of the master, with bf16 and with fp32 optimizer states.
+using kahan_fp32_states_policy =
+    mpopt::precision<mpopt::param<mpopt::bf16_t>, mpopt::master<mpopt::bf16_t, mpopt::kahan_summation>,
+                     mpopt::grad<mpopt::bf16_t>, mpopt::state<float>>;
+using adamw_kahan = config<mpopt::adamw, mpopt::bf16_kahan_policy, mpopt::no_scaler>;
+using adamw_kahan_fp32_states = config<mpopt::adamw, kahan_fp32_states_policy, mpopt::no_scaler>;
 
 adamw_fp16 fp16_config() {
   adamw_fp16 c;
@@ -136,20 +123,27 @@ std::string saved_adamw_fp32(const std::string& name) {
   return dir;
 }
 
+// A saved checkpoint of `Prec` (adamw, 3 steps, one rank), and the optimizer that wrote it.
+template <class Prec>
+struct saved_run {
+  ckpt_test::model<mpopt::adamw, Prec> m{1};
+  opt_t<mpopt::adamw, Prec, mpopt::no_scaler> o{m.specs({})};
+  std::string dir;
+  explicit saved_run(const std::string& name) : dir(scratch(name)) {
+    for (int k = 0; k < 3; ++k) {
+      m.make_grads(k, -1, 1.0);
+      o.step();
+    }
+    ck::save(o, dir);
+  }
+};
+
 // load() must throw with every fragment in its message and leave `o` as it was.
 template <class O>
 void check_refused(O& o, const std::string& dir, const std::vector<std::string>& fragments,
                    const ck::load_options& lo = {}) {
   const auto before = ckpt_test::take(o);
-  std::string msg;
-  try {
-    ck::load(o, dir, lo);
-  } catch (const mpopt::error& e) {
-    msg = e.what();
-  }
-  CAPTURE(msg);
-  REQUIRE(!msg.empty());
-  for (const auto& f : fragments) CHECK_MESSAGE(msg.find(f) != std::string::npos, "missing: " << f);
+  ckpt_test::check_error(ckpt_test::error_of([&] { ck::load(o, dir, lo); }), fragments);
   const std::string d = ckpt_test::diff(before, ckpt_test::take(o));
   CHECK_MESSAGE(d.empty(), "changed by a refused load: " << d);
 }
@@ -236,6 +230,40 @@ TEST_CASE("checkpoint: bitwise resume, every ZeRO stage, on one rank") {
   SUBCASE("stage change 1 -> 3 and 3 -> 0") {
     check_resume(lamb_bf16{}, 1, 3, dir);
     check_resume(fp16_config(), 3, 0, dir);
+  }
+}
+
+TEST_CASE("checkpoint: bitwise resume of a Kahan master, its compensation included") {
+  const std::string dir = scratch("resume_kahan");
+  for (int stage = 0; stage < 4; ++stage) {
+    SUBCASE("adamw bf16 + Kahan, bf16 states") {
+      check_resume(adamw_kahan{}, stage, stage, dir);
+    }
+    SUBCASE("adamw bf16 + Kahan, fp32 states") {
+      check_resume(adamw_kahan_fp32_states{}, stage, stage, dir);
+    }
+  }
+  SUBCASE("stage change 0 -> 3 and 2 -> 1") {
+    check_resume(adamw_kahan{}, 0, 3, dir);
+    check_resume(adamw_kahan_fp32_states{}, 2, 1, dir);
+  }
+  SUBCASE("the files and the index") {
+    check_resume(adamw_kahan{}, 1, 1, dir);
+    ck::index ix;
+    REQUIRE(ck::read_index(dir, ix).ok());
+    CHECK(ix.metadata.at("precision.master_rounding") == "kahan");
+    CHECK(ix.kahan());
+    ck::input_file f;
+    REQUIRE(f.open(dir + "/rank-00000-of-00001.safetensors").ok());
+    ck::safetensors_header h;
+    REQUIRE(ck::read_header(f, h).ok());
+    for (const char* name : {"group0.master_compensation", "group1.master_compensation"}) {
+      const ck::tensor_info* t = h.find(name);
+      REQUIRE_MESSAGE(t != nullptr, name);
+      CHECK(t->dtype == "BF16");
+      CHECK(t->shape == std::vector<std::uint64_t>{std::string(name) == "group0.master_compensation" ? 20001u : 9000u});
+    }
+    CHECK(h.metadata.at("precision.master_rounding") == "kahan");
   }
 }
 
@@ -365,6 +393,112 @@ TEST_CASE("checkpoint: bad input is refused, naming what differs, and nothing is
   }
 }
 
+TEST_CASE("checkpoint: master rounding mismatches are refused unless asked for, naming both values") {
+  using kahan_o = opt_t<mpopt::adamw, mpopt::bf16_kahan_policy, mpopt::no_scaler>;
+  using stochastic_o = opt_t<mpopt::adamw, mpopt::bf16_stochastic_policy, mpopt::no_scaler>;
+  using nearest_o = opt_t<mpopt::adamw, mpopt::bf16_pure_policy, mpopt::no_scaler>;
+  // A Kahan optimizer a few steps in, so that "unchanged" covers a compensation that is not zero.
+  ckpt_test::model<mpopt::adamw, mpopt::bf16_kahan_policy> km(5);
+  kahan_o ko(km.specs({}));
+  for (int k = 0; k < 2; ++k) {
+    km.make_grads(10 + k, -1, 1.0);
+    ko.step();
+  }
+  const std::string hint = "set load_options::convert_master_rounding";
+
+  SUBCASE("a Kahan checkpoint into nearest and stochastic rounding") {
+    saved_run<mpopt::bf16_kahan_policy> saved("kahan_to_other");
+    ckpt_test::model<mpopt::adamw, mpopt::bf16_pure_policy> nm(5);
+    nearest_o no(nm.specs({}));
+    check_refused(no, saved.dir,
+                  {"\"precision.master_rounding\": checkpoint has \"kahan\", this optimizer has \"nearest\"", hint});
+    ckpt_test::model<mpopt::adamw, mpopt::bf16_stochastic_policy> sm(5);
+    stochastic_o so(sm.specs({}));
+    check_refused(so, saved.dir,
+                  {"\"precision.master_rounding\": checkpoint has \"kahan\", this optimizer has \"stochastic\""});
+  }
+  SUBCASE("a nearest checkpoint into Kahan") {
+    saved_run<mpopt::bf16_pure_policy> saved("nearest_to_kahan");
+    check_refused(ko, saved.dir,
+                  {"\"precision.master_rounding\": checkpoint has \"nearest\", this optimizer has \"kahan\"", hint});
+  }
+  SUBCASE("an index that says kahan over files without a compensation") {
+    saved_run<mpopt::bf16_pure_policy> saved("kahan_without_compensation");
+    std::string idx = read_all(saved.dir + "/index.json");
+    const std::string key = "\"precision.master_rounding\": \"nearest\"";
+    REQUIRE(idx.find(key) != std::string::npos);
+    idx.replace(idx.find(key), key.size(), "\"precision.master_rounding\": \"kahan\"");
+    write_all(saved.dir + "/index.json", idx);
+    check_refused(ko, saved.dir,
+                  {"rank-00000-of-00001.safetensors", "tensor \"group0.master_compensation\" is missing"});
+    idx.replace(idx.find("\"kahan\""), 7, "\"fancy\"");
+    write_all(saved.dir + "/index.json", idx);
+    check_refused(ko, saved.dir,
+                  {"metadata \"precision.master_rounding\" must be nearest, stochastic or kahan, got \"fancy\""});
+  }
+}
+
+TEST_CASE("checkpoint: convert_master_rounding folds a Kahan compensation into the master, or starts one at zero") {
+  ck::load_options lo;
+  lo.convert_master_rounding = true;
+
+  SUBCASE("Kahan -> an fp32 master keeps master + compensation") {
+    saved_run<kahan_fp32_states_policy> saved("fold_fp32");
+    ckpt_test::model<mpopt::adamw, mpopt::bf16_mixed_policy> wm(5);
+    opt_t<mpopt::adamw, mpopt::bf16_mixed_policy, mpopt::no_scaler> wide(wm.specs({}));
+    lo.convert_dtypes = true;  // bf16 master -> fp32
+    ck::load(wide, saved.dir, lo);
+    std::size_t moved = 0;
+    for (std::size_t g = 0; g < 2; ++g) {
+      const mpopt::bf16_t* m = saved.o.master(g);
+      const mpopt::bf16_t* c = saved.o.compensation(g);
+      for (std::size_t i = 0; i < ckpt_test::group_size(g); ++i) {
+        const float want = ckpt_test::kahan_weight_ref(m[i], c[i]);
+        REQUIRE(wide.master(g)[i] == want);
+        moved += want != float(m[i]);
+        for (int j = 0; j < 2; ++j) REQUIRE(wide.state(g, j)[i] == saved.o.state(g, j)[i]);  // fp32 both
+      }
+    }
+    CHECK(moved > (ckpt_test::group_size(0) + ckpt_test::group_size(1)) / 2);  // the compensation was not lost
+  }
+  SUBCASE("Kahan -> a bf16 nearest master: master + compensation rounded once to bf16") {
+    saved_run<kahan_fp32_states_policy> saved("fold_bf16");
+    using prec = mpopt::precision<mpopt::param<mpopt::bf16_t>, mpopt::master<mpopt::bf16_t>, mpopt::grad<mpopt::bf16_t>,
+                                  mpopt::state<float>>;
+    ckpt_test::model<mpopt::adamw, prec> nm(5);
+    opt_t<mpopt::adamw, prec, mpopt::no_scaler> no(nm.specs({}));
+    ck::load(no, saved.dir, lo);
+    for (std::size_t g = 0; g < 2; ++g) {
+      const mpopt::bf16_t* m = saved.o.master(g);
+      const mpopt::bf16_t* c = saved.o.compensation(g);
+      for (std::size_t i = 0; i < ckpt_test::group_size(g); ++i) {
+        const double sum = double(float(m[i])) + double(float(c[i]));
+        REQUIRE(double(float(sum)) == sum);  // exact in fp32, so bf16_t(float) rounds the exact sum once
+        REQUIRE(no.master(g)[i].bits == mpopt::bf16_t(float(sum)).bits);
+        REQUIRE(nm.params[g][i].bits == no.master(g)[i].bits);  // the param buffer is the master
+      }
+    }
+  }
+  SUBCASE("nearest -> Kahan starts the compensation at zero") {
+    saved_run<mpopt::bf16_pure_policy> saved("nearest_to_kahan_zero");
+    ckpt_test::model<mpopt::adamw, mpopt::bf16_kahan_policy> km(5);
+    opt_t<mpopt::adamw, mpopt::bf16_kahan_policy, mpopt::no_scaler> ko(km.specs({}));
+    km.make_grads(0, -1, 1.0);
+    ko.step();
+    std::size_t nonzero = 0;
+    for (std::size_t i = 0; i < ckpt_test::group_size(0); ++i) nonzero += ko.compensation(0)[i].bits != 0;
+    REQUIRE(nonzero > 0);  // so that zeroing it is seen
+    ck::load(ko, saved.dir, lo);
+    CHECK(ko.step_count() == 3);
+    for (std::size_t g = 0; g < 2; ++g)
+      for (std::size_t i = 0; i < ckpt_test::group_size(g); ++i) {
+        REQUIRE(ko.compensation(g)[i].bits == 0);
+        REQUIRE(ko.master(g)[i].bits == saved.o.master(g)[i].bits);
+        for (int j = 0; j < 2; ++j) REQUIRE(ko.state(g, j)[i].bits == saved.o.state(g, j)[i].bits);
+      }
+  }
+}
+
 TEST_CASE("checkpoint: convert_dtypes rounds a wider master once") {
   const std::string dir = saved_adamw_fp32("convert");
   ckpt_test::model<mpopt::adamw, mpopt::fp32_policy> m(1);
@@ -427,18 +561,68 @@ TEST_CASE("checkpoint: consolidate into one tensor per model tensor") {
   CHECK(ck::consolidate(dir, out, co).message == "consolidate: dtype must be fp32, bf16, fp16 or fp64, got \"int8\"");
 }
 
-// For the mpopt-consolidate ctest (tests/checkpoint/consolidate_test.cmake): writes a checkpoint where told to.
-TEST_CASE("checkpoint: fixture for the consolidation tool test") {
-  const char* where = std::getenv("MPOPT_CHECKPOINT_FIXTURE");
-  if (where == nullptr) return;
-  ckpt_test::model<mpopt::lamb, mpopt::bf16_mixed_policy> m(1);
-  mpopt::comm::single_rank one;
-  mpopt::zero_options z;
-  z.stage = 2;
-  opt_t<mpopt::lamb, mpopt::bf16_mixed_policy, mpopt::no_scaler> o(m.specs({}), one, z);
-  for (int k = 0; k < 3; ++k) {
-    m.make_grads(k, -1, 1.0);
-    o.step();
+TEST_CASE("checkpoint: consolidating a Kahan checkpoint writes master + compensation") {
+  saved_run<mpopt::bf16_kahan_policy> saved("consolidate_kahan");
+  const std::string out = saved.dir + "/full.safetensors";
+  ck::consolidate_options co;
+  co.states = true;
+  REQUIRE(ck::consolidate(saved.dir, out, co).ok());  // default dtype: fp32
+  ck::input_file f;
+  REQUIRE(f.open(out).ok());
+  ck::safetensors_header h;
+  REQUIRE(ck::read_header(f, h).ok());
+  CHECK(h.metadata.at("consolidated_dtype") == "fp32");
+  CHECK(h.tensors.size() == 3 * (6 + 1));               // weight + 2 states per tensor; no compensation of its own
+  const ck::tensor_info* t = h.find("group0.tensor2");  // elements [3000, 10000)
+  REQUIRE(t != nullptr);
+  CHECK(t->dtype == "F32");
+  std::vector<float> got(7000);
+  REQUIRE(f.read(h.data_start + t->begin, got.data(), got.size() * 4).ok());
+  const mpopt::bf16_t* m = saved.o.master(0);
+  const mpopt::bf16_t* c = saved.o.compensation(0);
+  std::size_t moved = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    REQUIRE(got[i] == ckpt_test::kahan_weight_ref(m[3000 + i], c[3000 + i]));
+    moved += got[i] != float(m[3000 + i]);
   }
-  ck::save(o, where);
+  CHECK(moved > got.size() / 2);
+  const ck::tensor_info* s = h.find("group1.tensor0.exp_avg");  // bf16 state widened exactly
+  REQUIRE(s != nullptr);
+  std::vector<float> st(9000);
+  REQUIRE(f.read(h.data_start + s->begin, st.data(), st.size() * 4).ok());
+  for (std::size_t i = 0; i < st.size(); ++i) REQUIRE(st[i] == float(saved.o.state(1, 0)[i]));
+
+  co.states = false;
+  co.dtype = "fp64";
+  REQUIRE(ck::consolidate(saved.dir, out, co).ok());
+  ck::input_file f64;
+  REQUIRE(f64.open(out).ok());
+  REQUIRE(ck::read_header(f64, h).ok());
+  t = h.find("group1.tensor0");
+  REQUIRE(t != nullptr);
+  std::vector<double> d(9000);
+  REQUIRE(f64.read(h.data_start + t->begin, d.data(), d.size() * 8).ok());
+  for (std::size_t i = 0; i < d.size(); ++i)
+    REQUIRE(d[i] == double(float(saved.o.master(1)[i])) + double(float(saved.o.compensation(1)[i])));
+
+  co.dtype = "bf16";
+  REQUIRE(ck::consolidate(saved.dir, out, co).ok());
+  ck::input_file f16;
+  REQUIRE(f16.open(out).ok());
+  REQUIRE(ck::read_header(f16, h).ok());
+  t = h.find("group1.tensor0");
+  REQUIRE(t != nullptr);
+  std::vector<mpopt::bf16_t> b(9000);
+  REQUIRE(f16.read(h.data_start + t->begin, b.data(), b.size() * 2).ok());
+  for (std::size_t i = 0; i < b.size(); ++i) {
+    const double sum = double(float(saved.o.master(1)[i])) + double(float(saved.o.compensation(1)[i]));
+    REQUIRE(double(float(sum)) == sum);  // exact in fp32, so bf16_t(float) rounds the exact sum once
+    REQUIRE(b[i].bits == mpopt::bf16_t(float(sum)).bits);
+  }
+}
+
+// For the mpopt-consolidate ctest (tests/checkpoint/consolidate_test.cmake): one rank's checkpoints where told to.
+TEST_CASE("checkpoint: fixture for the consolidation tool test") {
+  mpopt::comm::single_rank one;
+  ckpt_test::save_consolidation_fixtures(one);
 }

@@ -184,7 +184,8 @@ TEST_CASE("deepspeed config: 1-bit optimizers warn without fp16 and are refused 
     CHECK(contains(s.message, "is not in the compiled set of mpopt::deepspeed::dispatch's Rules"));
     CHECK(contains(s.message, "default_onebit_rules"));
   }
-  CHECK(ds::availability(good({{"optimizer", {{"type", "Muon"}}}})).code == mpopt::errc::unsupported);
+  // Muon is no longer "not available": only its ZeRO stage 3 is (tested below).
+  CHECK(ds::availability(good({{"optimizer", {{"type", "Muon"}}}, {"zero_optimization", {{"stage", 2}}}})).ok());
 }
 
 TEST_CASE("deepspeed config: 1-bit optimizers' defaults are DeepSpeed's") {
@@ -597,22 +598,125 @@ TEST_CASE("deepspeed config: optimizer mapping follows DeepSpeed's defaults") {
   CHECK(contains(bad({{"optimizer", {{"type", "AdamW"}, {"params", {{"lr", -1}}}}}}), "optimizer.params: "));
 }
 
-TEST_CASE("deepspeed config: data_types.grad_accum_dtype") {
+TEST_CASE("deepspeed config: data_types.grad_accum_dtype is the optimizer's grad dtype, at any ZeRO stage") {
   const ds::config c = good({{"bf16", {{"enabled", true}}},
                              {"zero_optimization", {{"stage", 1}}},
                              {"data_types", {{"grad_accum_dtype", "fp32"}}},
                              {"optimizer", {{"type", "AdamW"}}}});
   CHECK(c.precision.grad_accum == mpopt::dtype::fp32);
-  CHECK(c.precision.grad == mpopt::dtype::bf16);
-  const mpopt::status s = ds::dispatch(c, [](auto) {});
-  CHECK(s.code == mpopt::errc::unsupported);
-  CHECK(contains(s.message, "data_types.grad_accum_dtype fp32"));
-  // Without ZeRO DeepSpeed accumulates in the model dtype only.
-  CHECK(contains(bad({{"bf16", {{"enabled", true}}}, {"data_types", {{"grad_accum_dtype", "fp32"}}}}),
-                 "data_types.grad_accum_dtype: \"fp32\" differs from the model dtype bf16"));
+  CHECK(c.precision.grad == mpopt::dtype::bf16);  // the micro-batch grads: the model's dtype
+  CHECK(ds::optimizer_grad_dtype(c.precision) == mpopt::dtype::fp32);
+  CHECK(c.warnings.empty());
+  CHECK(ds::availability(c).ok());
+  CHECK(ds::optimizer_type_name(c) ==
+        "mpopt::optimizer<mpopt::adamw, mpopt::precision<mpopt::param<mpopt::bf16_t>, mpopt::master<float>, "
+        "mpopt::grad<float>, mpopt::state<float>>, mpopt::no_scaler>");
+  int calls = 0;
+  CHECK(ds::dispatch(c, [&](auto tag) {
+          ++calls;
+          CHECK(std::is_same_v<typename decltype(tag)::type,
+                               mpopt::optimizer<mpopt::adamw, mpopt::precision_of<mpopt::bf16_t, float, float, float>,
+                                                mpopt::no_scaler>>);
+        }).ok());
+  CHECK(calls == 1);
+  const json g = ds::to_json(c)["grad_accumulation"];
+  CHECK(g["micro_batch_grad"] == "bf16");
+  CHECK(g["accum"] == "fp32");
+  CHECK(g["optimizer_grad"] == "fp32");
+  CHECK(g["separate_buffer"] == true);
+  CHECK(ds::to_json(good({{"bf16", {{"enabled", true}}}}))["grad_accumulation"]["separate_buffer"] == false);
+
+  // fp16 with an fp32 accumulation at stage 2: the loss scaler stays, the grads the optimizer reads are fp32.
+  const ds::config h = good({{"fp16", {{"enabled", true}}},
+                             {"zero_optimization", {{"stage", 2}}},
+                             {"data_types", {{"grad_accum_dtype", "torch.float32"}}},
+                             {"optimizer", {{"type", "Adam"}}}});
+  calls = 0;
+  CHECK(ds::dispatch(h, [&](auto tag) {
+          ++calls;
+          CHECK(std::is_same_v<typename decltype(tag)::type,
+                               mpopt::optimizer<mpopt::adamw, mpopt::precision_of<mpopt::half_t, float, float, float>,
+                                                mpopt::dynamic_scaler>>);
+        }).ok());
+  CHECK(calls == 1);
+  // Accumulating bf16 grads of an fp32 model is accepted too (DeepSpeed's ZeRO accepts all 12 mixes).
+  CHECK(ds::optimizer_type_name(good({{"zero_optimization", {{"stage", 2}}},
+                                      {"data_types", {{"grad_accum_dtype", "bf16"}}},
+                                      {"optimizer", {{"type", "AdamW"}}}})) ==
+        "mpopt::optimizer<mpopt::adamw, mpopt::precision<mpopt::param<float>, mpopt::master<float>, "
+        "mpopt::grad<mpopt::bf16_t>, mpopt::state<float>>, mpopt::no_scaler>");
+
+  // Without ZeRO DeepSpeed raises NotImplementedError; mpopt accumulates at any stage and says it differs.
+  const ds::config s0 = good({{"bf16", {{"enabled", true}}},
+                              {"data_types", {{"grad_accum_dtype", "fp32"}}},
+                              {"optimizer", {{"type", "SGD"}, {"params", {{"lr", 1.0}}}}},
+                              {"gradient_clipping", 0.0}});
+  CHECK(joined(s0.warnings) ==
+        "data_types.grad_accum_dtype: fp32 with a bf16 model at zero_optimization.stage 0: DeepSpeed refuses this "
+        "mix without ZeRO (NotImplementedError); mpopt accumulates in any dtype at any stage (sum the micro-batch "
+        "grads into a fp32 buffer, mpopt/grad_accumulation.hpp)\n");
+
   CHECK(contains(bad({{"bf16", {{"enabled", true}}}, {"data_types", {{"param_dtype", "fp16"}}}}),
                  "data_types.param_dtype"));
   CHECK(contains(bad({{"data_types", {{"grad_accum_dtype", "fp8"}}}}), "data_types.grad_accum_dtype: must be"));
+}
+
+TEST_CASE("deepspeed dispatch: an fp32 accumulation of bf16 micro-batch grads keeps what bf16 would drop") {
+  const ds::config c = good({{"bf16", {{"enabled", true}}},
+                             {"data_types", {{"grad_accum_dtype", "fp32"}}},
+                             {"optimizer", {{"type", "SGD"}, {"params", {{"lr", 1.0}}}}},
+                             {"gradient_clipping", 0.0}});
+  // Two micro-batches of bf16 grads. The second's parts are a quarter of a bf16 ulp of the first's, so a bf16 sum
+  // drops them; their fp32 sum is exact (hand-computed: 1 + 2^-9, -2 + 2^-9, 0.5 - 2^-11, 3 + 2^-8).
+  const float micro1[4] = {1.f, -2.f, 0.5f, 3.f};
+  const float micro2[4] = {0x1p-9f, 0x1p-9f, -0x1p-11f, 0x1p-8f};
+  const double sum[4] = {1.001953125, -1.998046875, 0.49951171875, 3.00390625};
+  std::vector<mpopt::bf16_t> params(4, mpopt::bf16_t(0.f));
+  std::vector<float> accum(4, 0.f);  // the caller's accumulation buffer, in grad_accum_dtype
+  for (int i = 0; i < 4; ++i) {
+    accum[i] += float(mpopt::bf16_t(micro1[i]));
+    accum[i] += float(mpopt::bf16_t(micro2[i]));
+    REQUIRE(double(accum[i]) == sum[i]);
+    CHECK(float(mpopt::bf16_t(float(mpopt::bf16_t(micro1[i])) + float(mpopt::bf16_t(micro2[i])))) == micro1[i]);
+  }
+  int calls = 0;
+  const mpopt::status s = ds::dispatch(c, [&](auto tag) {
+    using opt_t = typename decltype(tag)::type;
+    ++calls;
+    if constexpr (std::is_same_v<opt_t,
+                                 mpopt::optimizer<mpopt::sgd, mpopt::precision_of<mpopt::bf16_t, float, float, float>,
+                                                  mpopt::no_scaler>>) {
+      mpopt::param_group<typename opt_t::rule_type, typename opt_t::precision_type> g;
+      g.params = params.data();
+      g.grads = accum.data();  // the optimizer reads the fp32 accumulation
+      g.size = params.size();
+      g.hparams = ds::rule_args<typename opt_t::rule_type>(c);
+      opt_t opt({g}, ds::scaler_args<typename opt_t::scaler_type>(c), ds::step_options_of(c));
+      REQUIRE(opt.step().applied);
+      for (int i = 0; i < 4; ++i) {
+        CAPTURE(i);
+        CHECK(double(opt.master(0)[i]) == -sum[i]);  // w = 0 - lr * sum, exact in the fp32 master
+        CHECK(float(params[i]) == -micro1[i]);       // the bf16 param copy rounds the small part away
+      }
+    } else {
+      FAIL("dispatched to another type");
+    }
+  });
+  INFO(s.message);
+  REQUIRE(s.ok());
+  CHECK(calls == 1);
+}
+
+TEST_CASE("deepspeed config: the 1-bit optimizers refuse a grad_accum_dtype other than the model dtype") {
+  for (const char* t : {"OneBitAdam", "ZeroOneAdam", "OneBitLamb"}) {
+    CAPTURE(t);
+    const std::string e = bad(
+        {{"fp16", {{"enabled", true}}}, {"data_types", {{"grad_accum_dtype", "fp32"}}}, {"optimizer", {{"type", t}}}});
+    CHECK(contains(e, "data_types.grad_accum_dtype: fp32 differs from the model dtype fp16; optimizer \"" +
+                          std::string(t) + "\" takes its grads in the model dtype"));
+    CHECK(contains(e, "Remove data_types.grad_accum_dtype, or set it to \"fp16\""));
+    good({{"fp16", {{"enabled", true}}}, {"data_types", {{"grad_accum_dtype", "fp16"}}}, {"optimizer", {{"type", t}}}});
+  }
 }
 
 TEST_CASE("deepspeed config: torch_autocast") {
@@ -675,4 +779,289 @@ TEST_CASE("deepspeed config: load_config throws mpopt::error listing the errors"
   CHECK_THROWS_WITH_AS(ds::load_config({{"fp16", {{"enabled", true}}}, {"bf16", {{"enabled", true}}}}),
                        doctest::Contains("fp16.enabled and bf16.enabled"), mpopt::error);
   CHECK(ds::to_json(ds::load_config(json::object()))["gradient_clipping"] == 1.0);
+}
+
+TEST_CASE("deepspeed config: Muon's defaults are DeepSpeed's MuonWithAuxAdam's") {
+  const ds::config c = good({{"optimizer", {{"type", "Muon"}}}, {"zero_optimization", {{"stage", 2}}}});
+  CHECK(c.optimizer.name == "muon");
+  CHECK(c.warnings.empty());
+  const mpopt::muon::args m = ds::muon_args_of(c);
+  CHECK(m.lr == 0.02);
+  CHECK(m.momentum == 0.95);
+  CHECK(m.weight_decay == 0.0);
+  CHECK(m.nesterov);       // muon_update's nesterov=True
+  CHECK(m.ns_steps == 5);  // and ns_steps=5
+  CHECK(m.ns_coefficients.a == 3.4445);
+  CHECK(m.ns_coefficients.b == -4.7750);
+  CHECK(m.ns_coefficients.c == 2.0315);
+  CHECK(m.adjust_lr == mpopt::muon_adjust_lr::original);  // update *= sqrt(max(1, rows / cols))
+  CHECK(m.eps == 1e-7);
+  CHECK(c.optimizer.ns_method == "gram");
+  CHECK(ds::rule_args<mpopt::muon>(c).lr == 0.02);
+  const mpopt::adamw::args a = ds::muon_aux_args_of(c);
+  CHECK(a.lr == 3e-4);
+  CHECK(a.beta1 == 0.9);
+  CHECK(a.beta2 == 0.95);
+  CHECK(a.eps == 1e-10);
+  CHECK(a.weight_decay == 0.0);
+  CHECK(a.bias_correction);  // adam_update divides by 1 - beta^step
+  CHECK(a.adam_w_mode);      // p.mul_(1 - lr * weight_decay)
+  CHECK_FALSE(a.amsgrad);
+
+  const json o = ds::to_json(c)["optimizer"];
+  CHECK(o["muon"]["lr"] == 0.02);
+  CHECK(o["muon"]["ns_method"] == "gram");
+  CHECK(o["muon"]["ns_iteration"] == "standard");
+  CHECK(o["muon"]["ns_coefficients"] == json({3.4445, -4.7750, 2.0315}));
+  CHECK(o["muon"]["nesterov"] == true);
+  CHECK(o["aux_adamw"]["lr"] == 3e-4);
+  CHECK(o["aux_adamw"]["betas"] == json({0.9, 0.95}));
+  CHECK(o["aux_adamw"]["eps"] == 1e-10);
+  CHECK_FALSE(o.contains("params"));
+  CHECK(ds::optimizer_type_name(c) ==
+        "mpopt::muon_optimizer<mpopt::precision<mpopt::param<float>, mpopt::master<float>, mpopt::grad<float>, "
+        "mpopt::state<float>>, mpopt::no_scaler, mpopt::muon_gemm<float>>");
+}
+
+TEST_CASE("deepspeed config: Muon's lr, muon_lr, adam_lr and weight_decay go to the groups as in DeepSpeed") {
+  auto muon = [](const json& params) {
+    return good({{"optimizer", {{"type", "Muon"}, {"params", params}}}, {"zero_optimization", {{"stage", 2}}}});
+  };
+  // DeepSpeed's tests/unit/ops/muon/test_muon_partial_training.py: (params) -> (muon lr, adam lr).
+  const ds::config a = muon({{"lr", 0.02}, {"weight_decay", 0.01}});
+  CHECK(ds::muon_args_of(a).lr == 0.02);
+  CHECK(ds::muon_aux_args_of(a).lr == 0.02);
+  CHECK(ds::muon_args_of(a).weight_decay == 0.01);
+  CHECK(ds::muon_aux_args_of(a).weight_decay == 0.01);
+  const ds::config b = muon({{"lr", 0.02}, {"muon_lr", 0.04}, {"adam_lr", 0.001}, {"weight_decay", 0.01}});
+  CHECK(ds::muon_args_of(b).lr == 0.04);
+  CHECK(ds::muon_aux_args_of(b).lr == 0.001);
+  // The overrides alone; momentum to the matrices; betas and eps to the others; ns_method recorded.
+  const ds::config c = muon({{"muon_lr", 0.05},
+                             {"momentum", 0.9},
+                             {"betas", {0.8, 0.99}},
+                             {"eps", 1e-8},
+                             {"ns_method", "standard"},
+                             {"adam_lr", "auto"}});
+  CHECK(ds::muon_args_of(c).lr == 0.05);
+  CHECK(ds::muon_args_of(c).momentum == 0.9);
+  CHECK(ds::muon_aux_args_of(c).lr == 3e-4);  // "auto": the default
+  CHECK(ds::muon_aux_args_of(c).beta1 == 0.8);
+  CHECK(ds::muon_aux_args_of(c).beta2 == 0.99);
+  CHECK(ds::muon_aux_args_of(c).eps == 1e-8);
+  CHECK(ds::muon_args_of(c).eps == 1e-7);  // eps is the AdamW's only
+  CHECK(c.optimizer.ns_method == "standard");
+  CHECK(ds::to_json(c)["optimizer"]["muon"]["ns_method"] == "standard");
+  CHECK(c.warnings.empty());
+}
+
+TEST_CASE("deepspeed config: Muon's invalid parameters name the key and the value") {
+  auto err = [](const json& params) {
+    return bad({{"optimizer", {{"type", "Muon"}, {"params", params}}}, {"zero_optimization", {{"stage", 2}}}});
+  };
+  CHECK(contains(err({{"ns_method", "newton"}}),
+                 "optimizer.params.ns_method: must be \"gram\" or \"standard\", got \"newton\""));
+  CHECK(contains(err({{"momentum", 1.0}}), "optimizer.params.momentum: must be in [0, 1), got 1"));
+  CHECK(contains(err({{"muon_lr", -1}}), "optimizer.params.muon_lr: must be finite and >= 0, got -1"));
+  CHECK(contains(err({{"adam_lr", -2}}), "optimizer.params.adam_lr: must be finite and >= 0, got -2"));
+  // A shared key is named once, for both groups.
+  const std::string lr = err({{"lr", -1}});
+  CHECK(lr == "optimizer.params.lr: must be finite and >= 0, got -1\n");
+  // lr goes to the group whose override is not set.
+  CHECK(err({{"lr", -1}, {"muon_lr", 0.02}}) == "optimizer.params.lr: must be finite and >= 0, got -1\n");
+  CHECK(err({{"weight_decay", -0.5}}) == "optimizer.params.weight_decay: must be finite and >= 0, got -0.5\n");
+  CHECK(contains(err({{"betas", {0.9, 1.5}}}), "optimizer.params.betas[1]: must be in [0, 1), got 1.5"));
+  CHECK(contains(err({{"betas", {0.9}}}), "optimizer.params.betas: must be a list of two numbers"));
+  CHECK(contains(err({{"eps", 0}}), "optimizer.params.eps: must be finite and > 0, got 0"));
+  CHECK(contains(err({{"momentum", "x"}}), "optimizer.params.momentum: must be a number, got \"x\""));
+  CHECK(contains(err({{"ns_method", 1}}), "optimizer.params.ns_method: must be a string, got 1"));
+  CHECK(contains(err({{"max_grad_norm", 1.0}}), "\"gradient_clipping\": 1"));
+  // Keys DeepSpeed drops silently (muon_update fixes nesterov and ns_steps) are errors, as for the other optimizers.
+  for (const char* key : {"nesterov", "ns_steps", "amsgrad", "momentun"}) {
+    CAPTURE(key);
+    const std::string u = err({{key, 1}});
+    CHECK(contains(u, std::string("optimizer.params.") + key +
+                          ": unknown parameter for optimizer \"Muon\" (known: "
+                          "adam_lr, betas, eps, lr, momentum, muon_lr, "
+                          "ns_method, weight_decay)"));
+    CHECK(contains(u, "drops the rest silently"));
+  }
+}
+
+TEST_CASE("deepspeed config: Muon where DeepSpeed skips its update warns; at ZeRO stage 3 it is unsupported") {
+  // DeepSpeed applies Muon inside its ZeRO optimizer only: without ZeRO, and under BF16_Optimizer (ZeRO 1, bf16,
+  // fp32 accumulation), its MuonWithAuxAdam applies the raw gradients.
+  const ds::config s0 = good({{"optimizer", {{"type", "Muon"}}}});
+  CHECK(joined(s0.warnings) ==
+        "optimizer.type: \"Muon\" at zero_optimization.stage 0: DeepSpeed applies the Muon update only inside its "
+        "ZeRO optimizer (not without ZeRO), so its MuonWithAuxAdam steps the matrices with their raw gradients (no "
+        "momentum, no Newton-Schulz). mpopt runs Muon; use zero_optimization.stage 2 to compare with DeepSpeed\n");
+  CHECK(ds::availability(s0).ok());
+  const ds::config b1 = good({{"bf16", {{"enabled", true}}},
+                              {"data_types", {{"grad_accum_dtype", "fp32"}}},
+                              {"zero_optimization", {{"stage", 1}}},
+                              {"optimizer", {{"type", "Muon"}}}});
+  CHECK(contains(joined(b1.warnings), "at zero_optimization.stage 1 with bf16 and data_types.grad_accum_dtype fp32"));
+  CHECK(contains(joined(b1.warnings), "BF16_Optimizer"));
+  for (int stage : {1, 2})
+    CHECK(good({{"bf16", {{"enabled", true}}},
+                {"zero_optimization", {{"stage", stage}}},
+                {"optimizer", {{"type", "Muon"}}}})
+              .warnings.empty());
+
+  // DeepSpeed runs Muon at stage 3 (a valid config); mpopt::muon_optimizer does not.
+  const ds::config s3 = good({{"zero_optimization", {{"stage", 3}, {"save_muon_momentum_buffer_in_memory", true}}},
+                              {"optimizer", {{"type", "Muon"}}}});
+  CHECK(s3.warnings.empty());  // a DeepSpeed key without effect here
+  const mpopt::status a = ds::availability(s3);
+  CHECK(a.code == mpopt::errc::unsupported);
+  CHECK(a.message ==
+        "zero_optimization.stage 3 with optimizer.type \"Muon\": mpopt::muon_optimizer keeps whole matrices and runs "
+        "ZeRO stages 0-2 only; use zero_optimization.stage 2");
+  using rules = decltype(std::tuple_cat(ds::default_rules{}, ds::default_muon_rules{}));
+  const mpopt::status d = ds::dispatch<mpopt::supported_precisions, rules>(s3, [](auto) { FAIL("called"); });
+  CHECK(d.code == mpopt::errc::unsupported);
+  CHECK(d.message == a.message);
+}
+
+TEST_CASE("deepspeed dispatch: Muon reaches mpopt::muon_optimizer with the rule and precision it needs") {
+  const ds::config c = good({{"bf16", {{"enabled", true}}},
+                             {"zero_optimization", {{"stage", 2}}},
+                             {"data_types", {{"grad_accum_dtype", "fp32"}}},
+                             {"optimizer", {{"type", "Muon"}}}});
+  using bf16_fp32_grads = mpopt::precision_of<mpopt::bf16_t, float, float, float>;
+  // The default rules (written for mpopt::optimizer) lack it, and say where it is.
+  const mpopt::status s = ds::dispatch(c, [](auto) { FAIL("called"); });
+  CHECK(s.code == mpopt::errc::unsupported);
+  CHECK(contains(s.message, "rule mpopt::muon (optimizer.type \"Muon\") is not in the compiled set"));
+  CHECK(contains(s.message, "default_muon_rules"));
+  int calls = 0;
+  using rules = decltype(std::tuple_cat(ds::default_rules{}, ds::default_onebit_rules{}, ds::default_muon_rules{}));
+  CHECK(ds::dispatch<mpopt::supported_precisions, rules>(c, [&](auto tag) {
+          using opt_t = typename decltype(tag)::type;
+          ++calls;
+          CHECK(ds::is_muon_optimizer_v<opt_t>);
+          CHECK_FALSE(ds::is_onebit_optimizer_v<opt_t>);
+          CHECK(
+              std::is_same_v<opt_t, mpopt::muon_optimizer<bf16_fp32_grads, mpopt::no_scaler, mpopt::muon_gemm<float>>>);
+          CHECK(std::is_same_v<ds::scaler_of_t<opt_t>, mpopt::no_scaler>);
+        }).ok());
+  CHECK(calls == 1);
+  CHECK(ds::optimizer_type_name(c) ==
+        "mpopt::muon_optimizer<mpopt::precision<mpopt::param<mpopt::bf16_t>, mpopt::master<float>, "
+        "mpopt::grad<float>, mpopt::state<float>>, mpopt::no_scaler, mpopt::muon_gemm<float>>");
+  // bf16 GEMMs: muon_rule<muon_gemm<bf16_t>> in Rules instead of mpopt::muon.
+  calls = 0;
+  CHECK(
+      ds::dispatch<std::tuple<bf16_fp32_grads>,
+                   std::tuple<ds::muon_rule<mpopt::muon_gemm<mpopt::bf16_t>>>>(c, [&](auto tag) {
+        ++calls;
+        CHECK(
+            std::is_same_v<typename decltype(tag)::type,
+                           mpopt::muon_optimizer<bf16_fp32_grads, mpopt::no_scaler, mpopt::muon_gemm<mpopt::bf16_t>>>);
+      }).ok());
+  CHECK(calls == 1);
+  // fp16 with dynamic loss scaling.
+  const ds::config h =
+      good({{"fp16", {{"enabled", true}}}, {"zero_optimization", {{"stage", 1}}}, {"optimizer", {{"type", "Muon"}}}});
+  calls = 0;
+  CHECK(ds::dispatch<mpopt::supported_precisions, ds::default_muon_rules>(h, [&](auto tag) {
+          ++calls;
+          CHECK(std::is_same_v<typename decltype(tag)::type,
+                               mpopt::muon_optimizer<mpopt::fp16_mixed_policy, mpopt::dynamic_scaler>>);
+        }).ok());
+  CHECK(calls == 1);
+  // A hand-made all-fp64 config: muon_optimizer computes in fp32, so nothing is instantiated, and the status says so.
+  ds::config f64 = c;
+  f64.precision = {mpopt::dtype::fp64, mpopt::dtype::fp64, mpopt::dtype::fp64, mpopt::dtype::fp64, mpopt::dtype::fp64};
+  const mpopt::status sf =
+      ds::dispatch<mpopt::supported_precisions, ds::default_muon_rules>(f64, [](auto) { FAIL("called"); });
+  CHECK(sf.code == mpopt::errc::unsupported);
+  CHECK(contains(sf.message, "mpopt::muon_optimizer needs an fp32-compute precision policy"));
+}
+
+namespace {
+// DeepSpeed's Muon step, in fp64: momentum.lerp_(g, 1 - beta); u = g.lerp(momentum, beta); X = u / ||u|| for a
+// rank-1 u (one column), whose only singular value is then 1; the quintic maps it to f(f(f(f(f(1))))).
+double quintic5() {
+  double s = 1.0;
+  for (int k = 0; k < 5; ++k) s = 3.4445 * s - 4.7750 * s * s * s + 2.0315 * s * s * s * s * s;
+  return s;
+}
+}  // namespace
+
+TEST_CASE("deepspeed dispatch: Muon from a config steps like DeepSpeed's MuonWithAuxAdam (fp64 reference)") {
+  const ds::config c =
+      good({{"zero_optimization", {{"stage", 2}}},
+            {"optimizer",
+             {{"type", "Muon"},
+              {"params",
+               {{"lr", 0.01}, {"muon_lr", 0.05}, {"weight_decay", 0.1}, {"adam_lr", 0.002}, {"betas", {0.8, 0.99}}}}}},
+            {"gradient_clipping", 0.0}});
+  // A 4 x 1 matrix (Muon scales its lr by sqrt(4 / 1) = 2) and two aux elements; two steps with different grads.
+  std::vector<float> w = {1.f, -0.5f, 0.25f, 2.f}, aux = {0.5f, -0.5f};
+  const std::vector<float> g1 = {1.f, 2.f, 2.f, 4.f}, g2 = {4.f, -2.f, 2.f, 1.f};
+  const std::vector<float> a1 = {0.25f, -4.f}, a2 = {-1.f, -3.f};
+  std::vector<float> grads = g1, agrads = a1;
+
+  // The reference, in double.
+  std::vector<double> rw(w.begin(), w.end()), ra(aux.begin(), aux.end()), buf(4, 0.0), m(2, 0.0), v(2, 0.0);
+  const double mlr = 0.05, alr = 0.002, wd = 0.1, beta = 0.95, b1 = 0.8, b2 = 0.99, eps = 1e-10;
+  for (int step = 1; step <= 2; ++step) {
+    const std::vector<float>& g = step == 1 ? g1 : g2;
+    const std::vector<float>& ag = step == 1 ? a1 : a2;
+    std::vector<double> u(4);
+    double norm = 0;
+    for (int i = 0; i < 4; ++i) {
+      buf[i] += (1 - beta) * (g[i] - buf[i]);
+      u[i] = g[i] + beta * (buf[i] - g[i]);
+      norm += u[i] * u[i];
+    }
+    norm = std::sqrt(norm);
+    for (int i = 0; i < 4; ++i) rw[i] = rw[i] * (1 - mlr * wd) - mlr * 2.0 * quintic5() * u[i] / norm;
+    for (int i = 0; i < 2; ++i) {
+      m[i] += (1 - b1) * (ag[i] - m[i]);
+      v[i] += (1 - b2) * (ag[i] * ag[i] - v[i]);
+      const double mh = m[i] / (1 - std::pow(b1, step)), vh = v[i] / (1 - std::pow(b2, step));
+      ra[i] = ra[i] * (1 - alr * wd) - alr * mh / (std::sqrt(vh) + eps);
+    }
+  }
+
+  int calls = 0;
+  const mpopt::status s = ds::dispatch<std::tuple<mpopt::fp32_policy>, ds::default_muon_rules>(c, [&](auto tag) {
+    using opt_t = typename decltype(tag)::type;
+    ++calls;
+    if constexpr (std::is_same_v<opt_t, mpopt::muon_optimizer<mpopt::fp32_policy, mpopt::no_scaler>>) {
+      typename opt_t::matrix_group_type mg{w.data(), grads.data(), {{4, 1}}, ds::muon_args_of(c)};
+      typename opt_t::aux_group_type ag;
+      ag.params = aux.data();
+      ag.grads = agrads.data();
+      ag.size = aux.size();
+      ag.hparams = ds::muon_aux_args_of(c);
+      mpopt::comm::single_rank comm;
+      opt_t opt({mg}, {ag}, comm, ds::zero_options_of(c), ds::scaler_args<ds::scaler_of_t<opt_t>>(c),
+                ds::step_options_of(c));
+      CHECK(opt.zero().stage == 2);
+      REQUIRE(opt.step().applied);
+      grads = g2;
+      agrads = a2;
+      REQUIRE(opt.step().applied);
+    } else {
+      FAIL("dispatched to another type");
+    }
+  });
+  INFO(s.message);
+  REQUIRE(s.ok());
+  REQUIRE(calls == 1);
+  // fp32 compute: within a few fp32 ulps of the fp64 reference (the weights move by ~0.1 and ~0.004).
+  for (int i = 0; i < 4; ++i) {
+    CAPTURE(i);
+    CHECK(std::fabs(double(w[i]) - rw[i]) < 2e-6);
+  }
+  for (int i = 0; i < 2; ++i) {
+    CAPTURE(i);
+    CHECK(std::fabs(double(aux[i]) - ra[i]) < 1e-6);
+  }
+  // The update is not trivially small: the matrix moved by about lr * 2 per unit of the normalised update.
+  CHECK(std::fabs(double(w[3]) - 2.0) > 0.05);
 }

@@ -75,6 +75,40 @@ TEST_CASE("a host step allocates nothing") {
   CHECK(count<mpopt::lamb, mpopt::bf16_mixed_policy>({}, clip) == 0);
 }
 
+TEST_CASE("stage 2's reduce_grads, the pipelined step and grad accumulation allocate nothing") {
+  const std::size_t n = 100000;
+  std::vector<mpopt::bf16_t> params(n, mpopt::bf16_t(0.25f)), micro(n, mpopt::bf16_t(0.5f));
+  using prec =
+      mpopt::precision<mpopt::param<mpopt::bf16_t>, mpopt::master<float>, mpopt::grad<float>, mpopt::state<float>>;
+  mpopt::grad_accumulator<float> acc(n);
+  mpopt::param_group<mpopt::adamw, prec> g;
+  g.params = params.data();
+  g.grads = acc.data();
+  g.size = n;
+  g.tensor_sizes = {1000, 9000, 90000};
+  mpopt::step_options clip;
+  clip.max_grad_norm = 0.5;
+  mpopt::comm::single_rank one;
+  mpopt::optimizer<mpopt::adamw, prec> stage0({g}, one, {0}, {}, clip), stage2({g}, one, {2}, {}, clip);
+  auto none = [](std::size_t, std::size_t, std::size_t) {};
+  for (int warm = 0; warm < 2; ++warm) {
+    stage2.reduce_grads(0, 0, 3, micro.data());
+    stage2.step();
+    stage0.step_pipelined(8192, none, none);
+  }
+  const long before = allocations.load();
+  for (int s = 0; s < 3; ++s) {
+    acc.reset();
+    acc.add(micro.data(), n);
+    acc.add(micro.data(), n);
+    stage0.step_pipelined(8192, none, none);
+    stage2.reduce_grads(0, 1, 3, micro.data() + 1000);
+    stage2.reduce_grads(0, 0, 1, micro.data());
+    stage2.step();
+  }
+  CHECK(allocations.load() - before == 0);
+}
+
 TEST_CASE("the allocation counter counts") {
   // Construction allocates (group copies, offsets, workspace vectors): the counter must see it.
   const long before = allocations.load();

@@ -2,21 +2,20 @@
 // a sub-communicator of the world mpirun gives; cases needing more ranks than it has are skipped, so the np4 run
 // covers all of them), then trained on. The continuation must equal the uninterrupted single-rank run bit for bit,
 // which the library's ZeRO guarantees for sharded runs (tests/mpi/test_zero.cpp). Rank 0 also consolidates the
-// sharded checkpoint offline and compares it with the single-rank master.
+// sharded checkpoint offline and compares it with the single-rank master (master + compensation, in fp32, for a
+// Kahan master).
 #include <mpopt/checkpoint/checkpoint.hpp>
 #include <mpopt/checkpoint/consolidate.hpp>
 #include <mpopt/comm/mpi.hpp>
 #include <mpopt/mpopt.hpp>
 
-#include <unistd.h>
-
 #include <algorithm>
-#include <cstdlib>
-#include <filesystem>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../checkpoint/harness.hpp"
+#include "../checkpoint/mpi_harness.hpp"
 #include "mpi_test.hpp"
 
 namespace {
@@ -28,50 +27,29 @@ using mpopt_test::world_size;
 
 constexpr int kSaveAfter = 3, kMore = 3, kOverflowStep = 1;
 
-// The first n world ranks, or nothing on the others.
-struct sub_comm {
-  MPI_Comm c = MPI_COMM_NULL;
-  explicit sub_comm(int n) { MPI_Comm_split(MPI_COMM_WORLD, world_rank() < n ? 0 : MPI_UNDEFINED, world_rank(), &c); }
-  ~sub_comm() {
-    if (c != MPI_COMM_NULL) MPI_Comm_free(&c);
-  }
-  bool member() const { return c != MPI_COMM_NULL; }
-};
+using ckpt_test::reshard;
+using ckpt_test::sub_comm;
 
-// A directory every rank agrees on (rank 0's pid), removed by rank 0 at the end.
-std::string shared_dir(const std::string& name) {
-  int pid = world_rank() == 0 ? int(::getpid()) : 0;
-  MPI_Bcast(&pid, 1, MPI_INT, 0, MPI_COMM_WORLD);
-  return (std::filesystem::temp_directory_path() / ("mpopt_ckpt_mpi_" + std::to_string(pid)) / name).string();
-}
-
-struct reshard {
-  int save_world, save_stage, load_world, load_stage;
-};
+const ckpt_test::shared_space shared_dir{"mpopt_ckpt_mpi_"};
 
 template <class Rule, class Prec, class Scaler>
 void check_reshard(const typename Rule::args& hp, const typename Scaler::args& sargs, double magnitude,
                    const reshard& r, const std::string& what) {
   using O = mpopt::optimizer<Rule, Prec, Scaler>;
-  CAPTURE(what);
-  const std::string tag = rank_tag();
+  if (!r.fits()) return;
+  const std::string name = r.name(what), tag = rank_tag();
+  CAPTURE(name);
   CAPTURE(tag);
-  CAPTURE(r.save_world);
-  CAPTURE(r.save_stage);
-  CAPTURE(r.load_world);
-  CAPTURE(r.load_stage);
-  if (std::max(r.save_world, r.load_world) > world_size()) return;
-  const std::string dir = shared_dir(what + "_" + std::to_string(r.save_world) + "s" + std::to_string(r.save_stage) +
-                                     "_" + std::to_string(r.load_world) + "s" + std::to_string(r.load_stage));
+  const std::string dir = shared_dir(name);
   mpopt::step_options so;
   so.max_grad_norm = 0.5;
 
   // The reference: one rank, no communicator, uninterrupted; its snapshot at the save point too.
   ckpt_test::model<Rule, Prec> ref_m(1);
   O ref(ref_m.specs(hp), sargs, so);
-  std::vector<std::vector<typename O::master_t>> master_at_save;
+  ckpt_test::snapshot<O> at_save;
   for (int k = 0; k < kSaveAfter + kMore; ++k) {
-    if (k == kSaveAfter) master_at_save = ckpt_test::take(ref).master;
+    if (k == kSaveAfter) at_save = ckpt_test::take(ref);
     ref_m.make_grads(k, kOverflowStep, magnitude);
     ref.step();
   }
@@ -94,24 +72,32 @@ void check_reshard(const typename Rule::args& hp, const typename Scaler::args& s
   }
   MPI_Barrier(MPI_COMM_WORLD);
 
-  if (world_rank() == 0) {  // offline, no communicator: the full master per tensor
+  if (world_rank() == 0) {  // offline, no communicator: the full weights per tensor
     const std::string out = dir + ".full.safetensors";
     REQUIRE(ck::consolidate(dir, out).ok());
     ck::input_file f;
     REQUIRE(f.open(out).ok());
     ck::safetensors_header h;
     REQUIRE(ck::read_header(f, h).ok());
+    // The master as saved; a Kahan master is written as master + compensation in fp32.
+    using W = std::conditional_t<ckpt_test::is_kahan_v<O>, float, typename O::master_t>;
     for (std::size_t g = 0; g < 2; ++g) {
-      std::vector<typename O::master_t> full;
+      std::vector<W> full, want;
       const std::size_t tensors = ckpt_test::tensors()[g].empty() ? 1 : ckpt_test::tensors()[g].size();
       for (std::size_t t = 0; t < tensors; ++t) {
         const ck::tensor_info* ti = h.find("group" + std::to_string(g) + ".tensor" + std::to_string(t));
         REQUIRE(ti != nullptr);
-        std::vector<typename O::master_t> part(ti->elements());
-        REQUIRE(f.read(h.data_start + ti->begin, part.data(), part.size() * sizeof(typename O::master_t)).ok());
+        std::vector<W> part(ti->elements());
+        REQUIRE(f.read(h.data_start + ti->begin, part.data(), part.size() * sizeof(W)).ok());
         full.insert(full.end(), part.begin(), part.end());
       }
-      CHECK(ckpt_test::same_bits(full, master_at_save[g]));
+      if constexpr (ckpt_test::is_kahan_v<O>) {
+        for (std::size_t i = 0; i < at_save.master[g].size(); ++i)
+          want.push_back(ckpt_test::kahan_weight_ref(at_save.master[g][i], at_save.compensation[g][i]));
+      } else {
+        want = at_save.master[g];
+      }
+      CHECK(ckpt_test::same_bits(full, want));
     }
   }
 
@@ -134,8 +120,7 @@ void check_reshard(const typename Rule::args& hp, const typename Scaler::args& s
         for (std::size_t g = 0; g < 2; ++g) CHECK(ckpt_test::same_bits(m.params[g], want.params[g]));
     }
   }
-  MPI_Barrier(MPI_COMM_WORLD);
-  if (world_rank() == 0) std::filesystem::remove_all(std::filesystem::path(dir).parent_path());
+  shared_dir.remove();
   MPI_Barrier(MPI_COMM_WORLD);
 }
 
@@ -164,6 +149,71 @@ TEST_CASE("checkpoint: reshard across world sizes and stages, adamw fp16 + dynam
     check_reshard<mpopt::adamw, mpopt::fp16_mixed_policy, mpopt::dynamic_scaler>({}, s, 64.0, r, "adamw_fp16");
 }
 
+using kahan_fp32_states_policy =
+    mpopt::precision<mpopt::param<mpopt::bf16_t>, mpopt::master<mpopt::bf16_t, mpopt::kahan_summation>,
+                     mpopt::grad<mpopt::bf16_t>, mpopt::state<float>>;
+
+TEST_CASE("checkpoint: reshard a Kahan master and its compensation, adamw all-bf16") {
+  const reshard cases[] = {
+      {4, 2, 2, 1},  // 4 -> 2
+      {1, 0, 3, 3},  // 1 -> 3, and stage 0 -> 3
+      {2, 3, 4, 0},  // 2 -> 4 replicas: each rank reads every saved compensation piece
+  };
+  for (const reshard& r : cases) {
+    check_reshard<mpopt::adamw, mpopt::bf16_kahan_policy, mpopt::no_scaler>({}, {}, 1.0, r, "adamw_kahan");
+    check_reshard<mpopt::adamw, kahan_fp32_states_policy, mpopt::no_scaler>({}, {}, 1.0, r, "adamw_kahan_fp32_states");
+  }
+}
+
+TEST_CASE("checkpoint: a Kahan checkpoint at other master roundings, sharded") {
+  if (world_size() < 2) return;
+  using kahan_o = mpopt::optimizer<mpopt::adamw, mpopt::bf16_kahan_policy, mpopt::no_scaler>;
+  const std::string dir = shared_dir("kahan_cross");
+  mpopt::comm::mpi comm;
+  mpopt::zero_options z;
+  z.stage = 2;
+  ckpt_test::model<mpopt::adamw, mpopt::bf16_kahan_policy> m(1);
+  kahan_o o(m.specs({}), comm, z);
+  for (int k = 0; k < 3; ++k) {
+    m.make_grads(k, -1, 1.0);
+    o.step();
+  }
+  ck::save(o, dir);
+  const auto saved = ckpt_test::take(o);
+
+  // Refused on every rank by default, naming both values; nothing changes.
+  using nearest_o = mpopt::optimizer<mpopt::adamw, mpopt::bf16_pure_policy, mpopt::no_scaler>;
+  ckpt_test::model<mpopt::adamw, mpopt::bf16_pure_policy> nm(2);
+  nearest_o no(nm.specs({}), comm, z);
+  const auto before = ckpt_test::take(no);
+  ckpt_test::check_error(ckpt_test::error_of([&] { ck::load(no, dir); }),
+                         {"\"precision.master_rounding\": checkpoint has \"kahan\", this optimizer has \"nearest\""});
+  CHECK(ckpt_test::diff(before, ckpt_test::take(no)).empty());
+
+  // Asked for: an fp32 master at another stage and world size takes master + compensation.
+  {
+    sub_comm sc(std::max(2, world_size() - 1));
+    if (sc.member()) {
+      mpopt::comm::mpi sub(sc.c);
+      mpopt::zero_options z1;
+      z1.stage = 1;
+      ckpt_test::model<mpopt::adamw, mpopt::bf16_mixed_policy> wm(2);
+      mpopt::optimizer<mpopt::adamw, mpopt::bf16_mixed_policy, mpopt::no_scaler> wide(wm.specs({}), sub, z1);
+      ck::load_options lo;
+      lo.convert_dtypes = true;
+      lo.convert_master_rounding = true;
+      ck::load(wide, dir, lo);
+      for (std::size_t g = 0; g < 2; ++g) {
+        std::vector<float> full(ckpt_test::group_size(g));
+        wide.gather_master(g, full.data());
+        for (std::size_t i = 0; i < full.size(); ++i)
+          REQUIRE(full[i] == ckpt_test::kahan_weight_ref(saved.master[g][i], saved.compensation[g][i]));
+      }
+    }
+  }
+  shared_dir.remove();
+}
+
 TEST_CASE("checkpoint: a rank's bad file fails the load on every rank, and nothing changes") {
   if (world_size() < 2) return;
   using O = mpopt::optimizer<mpopt::lamb, mpopt::bf16_mixed_policy, mpopt::no_scaler>;
@@ -176,43 +226,17 @@ TEST_CASE("checkpoint: a rank's bad file fails the load on every rank, and nothi
   m.make_grads(0, -1, 1.0);
   o.step();
   ck::save(o, dir);
-  if (world_rank() == 0) {  // rank 0's file loses its tail: at stage 1 only rank 0 reads it
-    const std::string f = dir + "/" + ck::rank_file_name(0, world_size());
-    std::filesystem::resize_file(f, std::filesystem::file_size(f) - 1);
-  }
-  MPI_Barrier(MPI_COMM_WORLD);
+  ckpt_test::truncate_rank0_file(dir);
   ckpt_test::model<mpopt::lamb, mpopt::bf16_mixed_policy> m2(2);
   O fresh(m2.specs({}), comm, z);
   const auto before = ckpt_test::take(fresh);
-  std::string msg;
-  try {
-    ck::load(fresh, dir);
-  } catch (const mpopt::error& e) {
-    msg = e.what();
-  }
-  CAPTURE(msg);
-  if (world_rank() == 0) {
-    CHECK(msg.find("(truncated)") != std::string::npos);
-  } else {
-    CHECK(msg.find("checkpoint load: failed on rank 0 (its error says why); nothing was changed") != std::string::npos);
-  }
+  ckpt_test::check_rank0_truncated(ckpt_test::error_of([&] { ck::load(fresh, dir); }));
   CHECK(ckpt_test::diff(before, ckpt_test::take(fresh)).empty());
-  MPI_Barrier(MPI_COMM_WORLD);
-  if (world_rank() == 0) std::filesystem::remove_all(std::filesystem::path(dir).parent_path());
+  shared_dir.remove();
 }
 
-// For the mpopt-consolidate ctest (tests/checkpoint/consolidate_test.cmake): a sharded checkpoint where told to.
+// For the mpopt-consolidate ctest (tests/checkpoint/consolidate_test.cmake): sharded checkpoints where told to.
 TEST_CASE("checkpoint: fixture for the consolidation tool test") {
-  const char* where = std::getenv("MPOPT_CHECKPOINT_FIXTURE");
-  if (where == nullptr) return;
   mpopt::comm::mpi comm;
-  mpopt::zero_options z;
-  z.stage = 2;
-  ckpt_test::model<mpopt::lamb, mpopt::bf16_mixed_policy> m(1);
-  mpopt::optimizer<mpopt::lamb, mpopt::bf16_mixed_policy, mpopt::no_scaler> o(m.specs({}), comm, z);
-  for (int k = 0; k < 3; ++k) {
-    m.make_grads(k, -1, 1.0);
-    o.step();
-  }
-  ck::save(o, where);
+  ckpt_test::save_consolidation_fixtures(comm);
 }

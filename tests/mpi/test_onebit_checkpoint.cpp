@@ -13,154 +13,53 @@
 #include <mpopt/mpopt.hpp>
 #include <mpopt/onebit/optimizer.hpp>
 
-#include <unistd.h>
-
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <filesystem>
 #include <limits>
 #include <string>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
+#include "../checkpoint/harness.hpp"
+#include "../checkpoint/mpi_harness.hpp"
+#include "../checkpoint/onebit_harness.hpp"
 #include "mpi_test.hpp"
 
 namespace {
 
 namespace ck = mpopt::checkpoint;
+using ckpt_test::diff;
+using ckpt_test::onebit_hparams;
+using ckpt_test::options_for;
+using ckpt_test::save_after;
+using ckpt_test::scaler_args;
+using ckpt_test::sub_comm;
+using ckpt_test::take_onebit;
 using mpopt_test::rank_tag;
 using mpopt_test::world_rank;
 using mpopt_test::world_size;
 
-// The first n world ranks, or nothing on the others.
-struct sub_comm {
-  MPI_Comm c = MPI_COMM_NULL;
-  explicit sub_comm(int n) { MPI_Comm_split(MPI_COMM_WORLD, world_rank() < n ? 0 : MPI_UNDEFINED, world_rank(), &c); }
-  ~sub_comm() {
-    if (c != MPI_COMM_NULL) MPI_Comm_free(&c);
-  }
-  bool member() const { return c != MPI_COMM_NULL; }
-};
-
-// A directory every rank agrees on (rank 0's pid); remove_shared() deletes it.
-std::filesystem::path shared_root() {
-  int pid = world_rank() == 0 ? int(::getpid()) : 0;
-  MPI_Bcast(&pid, 1, MPI_INT, 0, MPI_COMM_WORLD);
-  return std::filesystem::temp_directory_path() / ("mpopt_onebit_ckpt_mpi_" + std::to_string(pid));
-}
-std::string shared_dir(const std::string& name) {
-  return (shared_root() / name).string();
-}
-void remove_shared() {
-  const std::filesystem::path root = shared_root();
-  MPI_Barrier(MPI_COMM_WORLD);
-  if (world_rank() == 0) std::filesystem::remove_all(root);
-  MPI_Barrier(MPI_COMM_WORLD);
-}
-
-double noise(std::uint64_t a, std::uint64_t b, std::uint64_t c) {
-  std::uint64_t x = a * 0x9E3779B97F4A7C15ull ^ (b + 0x632BE59BD9B4E019ull) * 0xBF58476D1CE4E5B9ull ^ c;
-  x ^= x >> 30;
-  x *= 0xBF58476D1CE4E5B9ull;
-  x ^= x >> 27;
-  x *= 0x94D049BB133111EBull;
-  x ^= x >> 31;
-  return double(x >> 11) / double(1ull << 52) - 1.0;
-}
-
-const std::vector<std::vector<std::size_t>> kTensors = {{700, 0, 1300, 333}, {}};
-const std::size_t kSizes[2] = {2333, 500};
+const ckpt_test::shared_space shared_dir{"mpopt_onebit_ckpt_mpi_"};
 
 template <class Rule, class Prec>
-struct model {
+struct model : ckpt_test::onebit_model<Rule, Prec> {
   using param_t = typename Prec::param_t;
-  std::vector<std::vector<param_t>> params, grads;  // param_t == grad_t in the policies used here
-  static_assert(std::is_same_v<param_t, typename Prec::grad_t>);
-
-  explicit model(std::uint64_t seed) {
-    for (std::size_t g = 0; g < 2; ++g) {
-      params.emplace_back(kSizes[g]);
-      grads.emplace_back(kSizes[g]);
-      for (std::size_t i = 0; i < kSizes[g]; ++i) params[g][i] = mpopt::convert<param_t>(0.5 * noise(seed, g, i));
-    }
-  }
-  std::vector<mpopt::param_group<Rule, Prec>> specs(const typename Rule::args& hp) {
-    std::vector<mpopt::param_group<Rule, Prec>> out;
-    for (std::size_t g = 0; g < 2; ++g) {
-      mpopt::param_group<Rule, Prec> s;
-      s.params = params[g].data();
-      s.grads = grads[g].data();
-      s.size = kSizes[g];
-      s.tensor_sizes = kTensors[g];
-      s.hparams = hp;
-      out.push_back(s);
-    }
-    return out;
-  }
+  using ckpt_test::onebit_model<Rule, Prec>::onebit_model;
   // Step k's grads on `rank`: a common part and a rank's own; an inf on the last rank at an overflow step.
   void make_grads(int k, int rank, bool overflow, double magnitude) {
+    using ckpt_test::noise;
     for (std::size_t g = 0; g < 2; ++g)
-      for (std::size_t i = 0; i < kSizes[g]; ++i)
-        grads[g][i] = mpopt::convert<param_t>(magnitude *
-                                              (0.3 + noise(1000 + std::uint64_t(k), g, i) +
-                                               0.5 * noise(2000 + std::uint64_t(rank), g, i * 131 + std::uint64_t(k))));
+      for (std::size_t i = 0; i < ckpt_test::onebit_sizes[g]; ++i)
+        this->grads[g][i] = mpopt::convert<param_t>(
+            magnitude * (0.3 + noise(1000 + std::uint64_t(k), g, i) +
+                         0.5 * noise(2000 + std::uint64_t(rank), g, i * 131 + std::uint64_t(k))));
     if (overflow && rank == world_size() - 1)
-      grads[0][77] = mpopt::convert<param_t>(std::numeric_limits<double>::infinity());
+      this->grads[0][77] = mpopt::convert<param_t>(std::numeric_limits<double>::infinity());
   }
 };
 
 template <class Rule, class Prec, class Scaler>
 using opt_t = mpopt::onebit::optimizer<Rule, Prec, Scaler>;
-
-template <class Opt>
-mpopt::onebit::options options_for() {
-  mpopt::onebit::options o;
-  o.accept_unverified_precision = !Opt::verified_precision;
-  return o;
-}
-
-using snapshot = std::vector<std::pair<std::string, std::string>>;
-
-template <class T>
-void add(snapshot& s, const std::string& name, const T* p, std::size_t n) {
-  s.emplace_back(name, std::string(reinterpret_cast<const char*>(p), n * sizeof(T)));
-}
-
-// Everything this rank's optimizer holds (no communication), the error buffers when asked.
-template <class Rule, class Prec, class Scaler>
-snapshot take(const opt_t<Rule, Prec, Scaler>& o, bool errors = true) {
-  snapshot s;
-  const std::int64_t step = o.step_count();
-  add(s, "step", &step, 1);
-  if constexpr (!std::is_empty_v<typename Scaler::state_type>) add(s, "scaler state", &o.scaler_state(), 1);
-  if constexpr (std::is_same_v<Rule, mpopt::zero_one_adam>) add(s, "schedule", &o.current_schedule(), 1);
-  for (std::size_t g = 0; g < o.num_groups(); ++g) {
-    const std::string k = "group " + std::to_string(g) + " ";
-    add(s, k + "master", o.master(g), o.size(g));
-    for (int j = 0; j < Rule::max_states; ++j) add(s, k + Rule::state_names[j], o.state(g, j), o.size(g));
-    if constexpr (std::is_same_v<Rule, mpopt::zero_one_adam>) {
-      add(s, k + "sync point", o.sync_point(g), o.size(g));
-      const double lr = o.accumulated_lr(g);
-      add(s, k + "accumulated lr", &lr, 1);
-    }
-    if constexpr (std::is_same_v<Rule, mpopt::onebit_lamb>)
-      add(s, k + "lamb state", o.lamb_state(g).data(), o.lamb_state(g).size());
-  }
-  for (std::size_t i = 0; errors && i < o.num_error_buffers(); ++i) {
-    add(s, "errors " + std::to_string(i) + " worker", o.errors(i).worker.data(), o.errors(i).worker.size());
-    add(s, "errors " + std::to_string(i) + " server", o.errors(i).server.data(), o.errors(i).server.size());
-  }
-  return s;
-}
-
-std::string diff(const snapshot& a, const snapshot& b) {
-  if (a.size() != b.size()) return "number of parts";
-  for (std::size_t k = 0; k < a.size(); ++k)
-    if (a[k].first != b[k].first || a[k].second != b[k].second) return a[k].first;
-  return "";
-}
 
 // Whether every rank holds the same bytes.
 bool same_on_all_ranks(const void* data, std::size_t bytes) {
@@ -206,55 +105,7 @@ void copy_state(const opt_t<Rule, Prec, Scaler>& from, opt_t<Rule, Prec, Scaler>
   }
 }
 
-template <class Rule>
-typename Rule::args hparams();
-template <>
-mpopt::onebit_adam::args hparams<mpopt::onebit_adam>() {
-  mpopt::onebit_adam::args a;
-  a.lr = 0.01;
-  a.weight_decay = 0.01;
-  a.freeze_step = 3;
-  return a;
-}
-// Warm-up: exact steps 1, 2, 4, compressed 3; local phase from 5: synchronisations at 5, 6, 8, 12, 16.
-template <>
-mpopt::zero_one_adam::args hparams<mpopt::zero_one_adam>() {
-  mpopt::zero_one_adam::args a;
-  a.lr = 0.01;
-  a.weight_decay = 0.01;
-  a.var_freeze_step = 4;
-  a.var_update_scaler = 2;
-  a.local_step_scaler = 2;
-  a.local_step_clipper = 4;
-  return a;
-}
-template <>
-mpopt::onebit_lamb::args hparams<mpopt::onebit_lamb>() {
-  mpopt::onebit_lamb::args a;
-  a.lr = 0.01;
-  a.weight_decay = 0.01;
-  a.freeze_step = 3;
-  return a;
-}
-// Steps before the save: the compressed phase, or 0/1 Adam's local phase two steps before a synchronisation.
-template <class Rule>
-int save_after() {
-  return std::is_same_v<Rule, mpopt::zero_one_adam> ? 10 : 5;
-}
 constexpr int kMore = 4;
-
-template <class Scaler>
-typename Scaler::args scaler_args() {
-  if constexpr (std::is_same_v<Scaler, mpopt::dynamic_scaler>) {
-    mpopt::dynamic_scale_args a;
-    a.init_scale = 1024.f;
-    a.scale_window = 2;
-    a.hysteresis = 1;
-    return a;
-  } else {
-    return {};
-  }
-}
 
 template <class Scaler>
 struct driver {
@@ -283,7 +134,7 @@ void check_resume() {
   mpopt::comm::mpi comm;
   mpopt::step_options so;
   so.max_grad_norm = 2.0;
-  const typename Rule::args hp = hparams<Rule>();
+  const typename Rule::args hp = onebit_hparams<Rule>();
   typename Rule::args other = hp;
   other.lr *= 3;  // restored from the checkpoint
   model<Rule, Prec> ref_m(1), run_m(1), res_m(2), drop_m(3);
@@ -306,19 +157,18 @@ void check_resume() {
   CHECK(r.errors_restored);
   CHECK(r.saved_world_size == world_size());
   CHECK(r.step == run.step_count());
-  const std::string at_load = diff(take(run), take(resumed));
+  const std::string at_load = diff(take_onebit(run), take_onebit(resumed));
   CHECK_MESSAGE(at_load.empty(), "differs right after the load: " << at_load);
   CHECK(ck::load(dropped, dir).errors_restored);
   for (std::size_t i = 0; i < dropped.num_error_buffers(); ++i) dropped.errors(i).reset();  // DeepSpeed's resume
 
   d.steps(res_m, resumed, n, n + kMore, rank);
   d.steps(drop_m, dropped, n, n + kMore, rank);
-  const std::string dd = diff(take(ref), take(resumed));
+  const std::string dd = diff(take_onebit(ref), take_onebit(resumed));
   CHECK_MESSAGE(dd.empty(), "differs after the continuation: " << dd);
-  for (std::size_t g = 0; g < 2; ++g)
-    CHECK(std::memcmp(res_m.params[g].data(), ref_m.params[g].data(), kSizes[g] * sizeof(ref_m.params[g][0])) == 0);
-  if (world_size() > 1) CHECK(diff(take(ref, false), take(dropped, false)) != "");
-  remove_shared();
+  CHECK(ckpt_test::same_groups(res_m.params, ref_m.params));
+  if (world_size() > 1) CHECK(diff(take_onebit(ref, false), take_onebit(dropped, false)) != "");
+  shared_dir.remove();
 }
 
 // Another world size (W > 1): saved by world rank 0 alone and loaded by all W ranks, and the other way round.
@@ -332,7 +182,7 @@ void check_other_world() {
   const std::string tag = rank_tag();
   CAPTURE(name);
   CAPTURE(tag);
-  const typename Rule::args hp = hparams<Rule>();
+  const typename Rule::args hp = onebit_hparams<Rule>();
   typename Rule::args other = hp;
   other.lr *= 3;
 
@@ -360,14 +210,14 @@ void check_other_world() {
     CHECK_FALSE(r.errors_restored);
     CHECK(r.saved_world_size == 1);
     CHECK(error_mass(loaded) == 0.0);
-    const std::string at_load = diff(take(single, false), take(loaded, false));
+    const std::string at_load = diff(take_onebit(single, false), take_onebit(loaded, false));
     CHECK_MESSAGE(at_load.empty(), "1 -> W: differs right after the load: " << at_load);
     O manual(manual_m.specs(hp), comm, {}, {}, options_for<O>());
     copy_state(single, manual);
     d.steps(loaded_m, loaded, n, n + kMore, rank);
     d.steps(manual_m, manual, n, n + kMore, rank);
     CHECK(error_mass(loaded) > 0);  // the continuation compresses across ranks again
-    const std::string dd = diff(take(manual), take(loaded));
+    const std::string dd = diff(take_onebit(manual), take_onebit(loaded));
     CHECK_MESSAGE(dd.empty(), "1 -> W: differs after the continuation: " << dd);
   }
 
@@ -390,17 +240,17 @@ void check_other_world() {
       CHECK_FALSE(r.errors_restored);
       CHECK(r.saved_world_size == world);
       CHECK(error_mass(loaded) == 0.0);
-      const std::string at_load = diff(take(run, false), take(loaded, false));
+      const std::string at_load = diff(take_onebit(run, false), take_onebit(loaded, false));
       CHECK_MESSAGE(at_load.empty(), "W -> 1: differs right after the load: " << at_load);
       O manual(manual_m.specs(hp), one, {}, {}, options_for<O>());
       copy_state(run, manual);
       d.steps(loaded_m, loaded, n, n + kMore, 0);
       d.steps(manual_m, manual, n, n + kMore, 0);
-      const std::string dd = diff(take(manual), take(loaded));
+      const std::string dd = diff(take_onebit(manual), take_onebit(loaded));
       CHECK_MESSAGE(dd.empty(), "W -> 1: differs after the continuation: " << dd);
     }
   }
-  remove_shared();
+  shared_dir.remove();
 }
 
 }  // namespace

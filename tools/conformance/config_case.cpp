@@ -33,9 +33,10 @@ int run_config_command(const std::string& path) {
     return 2;
   }
   nlohmann::json out = deepspeed::to_json(r.cfg);
-  // Whether this build's default set (every supported precision, rule, the 1-bit rules included, and scaler) has
-  // the optimizer; the tag alone instantiates nothing.
-  using rules = decltype(std::tuple_cat(deepspeed::default_rules{}, deepspeed::default_onebit_rules{}));
+  // Whether this build's default set (every supported precision, rule, the 1-bit and Muon rules included, and
+  // scaler) has the optimizer; the tag alone instantiates nothing.
+  using rules = decltype(std::tuple_cat(deepspeed::default_rules{}, deepspeed::default_onebit_rules{},
+                                        deepspeed::default_muon_rules{}));
   const status s = deepspeed::dispatch<supported_precisions, rules>(r.cfg, [](auto) {});
   out["dispatch"] = {{"available", s.ok()},
                      {"type", r.cfg.optimizer.name.empty() ? nlohmann::json(nullptr)

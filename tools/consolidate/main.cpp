@@ -16,7 +16,8 @@ int usage(const char* why) {
                "[--no-verify]\n"
                "  writes tensor t of group g as \"group<g>.tensor<t>\" (with --states also "
                "\"group<g>.tensor<t>.<state>\");\n"
-               "  the dtype defaults to the checkpoint's master dtype\n",
+               "  the dtype defaults to the checkpoint's master dtype (fp32 for a Kahan master, whose weights,\n"
+               "  master + compensation, are written summed)\n",
                why);
   return 2;
 }

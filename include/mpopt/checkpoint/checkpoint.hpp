@@ -1,9 +1,9 @@
 // Checkpoints of mpopt::optimizer (host): save() and load(), both collective over the optimizer's communicator.
 //
-// What is saved: master weights and every optimizer state (each rank its partition range, padding-free), the step
-// counter, the loss-scaler state and arguments, the hyper-parameters of every group, the precision policy and the
-// ZeRO layout (index.hpp lists the files and keys). The param copy is not saved: it is the master rounded to the
-// param type, and load() rewrites it from the master on every rank.
+// What is saved: master weights, a kahan_summation master's compensation and every optimizer state (each rank its
+// partition range, padding-free), the step counter, the loss-scaler state and arguments, the hyper-parameters of every
+// group, the precision policy and the ZeRO layout (index.hpp lists the files and keys). The param copy is not saved: it
+// is the master rounded to the param type, and load() rewrites it from the master on every rank.
 //
 // Crash safety: rank 0 first removes any old index.json; each rank writes its file under a temporary name, fsyncs
 // and renames it; rank 0 writes index.json (file sizes and CRC-32s) last, the same way. A checkpoint without its
@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <filesystem>
 #include <limits>
 #include <map>
@@ -27,6 +28,7 @@
 #include <string>
 #include <system_error>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../comm/communicator.hpp"
@@ -90,9 +92,7 @@ struct hparam_fields<lion> {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// Scalers: name, arguments (informational: they are constructor arguments) and state (restored).
-using meta_map = std::map<std::string, std::string>;
-
+// Metadata values: written, read back and compared; shared by every checkpoint format (onebit.hpp, muon.hpp too).
 namespace detail {
 
 inline status meta_error(const std::string& dir, const std::string& key, const std::string& want,
@@ -100,10 +100,22 @@ inline status meta_error(const std::string& dir, const std::string& key, const s
   return status::invalid("checkpoint " + dir + ": \"" + key + "\": checkpoint has \"" + got + "\", " + want);
 }
 
-inline status meta_get(const meta_map& m, const std::string& dir, const std::string& key, std::string& out) {
-  auto it = m.find(key);
-  if (it == m.end()) return status::invalid("checkpoint " + dir + ": metadata key \"" + key + "\" is missing");
-  out = it->second;
+// The saved value of `key` must be this optimizer's (`mine`, its describe()); else an error naming both.
+inline status meta_same(const meta_map& saved, const meta_map& mine, const std::string& dir, const std::string& key) {
+  std::string v;
+  status st = meta_get(saved, dir, key, v);
+  if (!st.ok()) return st;
+  const std::string& want = mine.at(key);
+  if (v != want) return meta_error(dir, key, "this optimizer has \"" + want + "\"", v);
+  return status::success();
+}
+// The same for each of `keys`, in order: the first that differs fails.
+inline status meta_all_same(const meta_map& saved, const meta_map& mine, const std::string& dir,
+                            const std::vector<std::string>& keys) {
+  for (const std::string& k : keys) {
+    const status st = meta_same(saved, mine, dir, k);
+    if (!st.ok()) return st;
+  }
   return status::success();
 }
 
@@ -146,28 +158,57 @@ inline std::string to_text(std::int32_t v) {
   return std::to_string(v);
 }
 
+// Rule's hyper-parameters as keys <prefix><field> (hparam_fields), and back.
+template <class Rule>
+void write_hparams(meta_map& m, const std::string& prefix, const typename Rule::args& a) {
+  hparam_fields<Rule>::visit(a, [&](const char* field, const auto& v) { m[prefix + field] = to_text(v); });
+}
+template <class Rule>
+status read_hparams(const meta_map& m, const std::string& dir, const std::string& prefix, typename Rule::args& a) {
+  status st;
+  hparam_fields<Rule>::visit(a, [&](const char* field, auto& v) {
+    if (st.ok()) st = meta_read(m, dir, prefix + field, v);
+  });
+  return st;
+}
+
+// Hyper-parameters read from a checkpoint, before they replace the optimizer's: valid for Rule and, where
+// num_states >= 0, needing that many states. `what` names their group in the message ("group 0", "aux group 1").
+template <class Rule>
+status check_hparams(const typename Rule::args& a, const std::string& dir, const std::string& what,
+                     int num_states = -1) {
+  const status st = Rule::validate(a);
+  if (!st.ok()) return status::invalid("checkpoint " + dir + ": " + what + ": " + st.message);
+  if (num_states >= 0 && Rule::num_states(a) != num_states)
+    return status::invalid("checkpoint " + dir + ": " + what + ": its hyper-parameters need " +
+                           std::to_string(Rule::num_states(a)) + " states, this optimizer has " +
+                           std::to_string(num_states));
+  return status::success();
+}
+
+// Scalers: name, arguments (informational: they are constructor arguments) and state (restored).
 template <class Scaler>
 struct scaler_io;
 template <>
 struct scaler_io<no_scaler> {
   static constexpr const char* name = "none";
-  static void write(const no_scaler::args& a, const no_scaler::state_type&, meta_map& m) {
+  static void write_args(const no_scaler::args& a, meta_map& m) {
     m["scaler_args.check_overflow"] = to_text(a.check_overflow);
   }
+  static void write_state(const no_scaler::state_type&, meta_map&) {}
   static status read(const meta_map&, const std::string&, no_scaler::state_type&) { return status::success(); }
 };
 template <>
 struct scaler_io<static_scaler> {
   static constexpr const char* name = "static";
-  static void write(const static_scaler::args& a, const static_scaler::state_type&, meta_map& m) {
-    m["scaler_args.scale"] = to_text(a.scale);
-  }
+  static void write_args(const static_scaler::args& a, meta_map& m) { m["scaler_args.scale"] = to_text(a.scale); }
+  static void write_state(const static_scaler::state_type&, meta_map&) {}
   static status read(const meta_map&, const std::string&, static_scaler::state_type&) { return status::success(); }
 };
 template <>
 struct scaler_io<dynamic_scaler> {
   static constexpr const char* name = "dynamic";
-  static void write(const dynamic_scale_args& a, const scaler_state& s, meta_map& m) {
+  static void write_args(const dynamic_scale_args& a, meta_map& m) {
     m["scaler_args.init_scale"] = to_text(a.init_scale);
     m["scaler_args.scale_window"] = to_text(a.scale_window);
     m["scaler_args.hysteresis"] = to_text(a.hysteresis);
@@ -178,6 +219,8 @@ struct scaler_io<dynamic_scaler> {
     m["scaler_args.backoff_factor"] = to_text(a.backoff_factor);
     m["scaler_args.error_at_min"] = to_text(a.error_at_min);
     m["scaler_args.deepspeed_window"] = to_text(a.deepspeed_window);
+  }
+  static void write_state(const scaler_state& s, meta_map& m) {
     m["scaler_state.iter"] = to_text(s.iter);
     m["scaler_state.last_overflow_iter"] = to_text(s.last_overflow_iter);
     m["scaler_state.growth_tracker"] = to_text(s.growth_tracker);
@@ -197,6 +240,59 @@ struct scaler_io<dynamic_scaler> {
     return st;
   }
 };
+
+// The keys every format writes (index.hpp): format, format_version, rule, scaler, precision.*, step,
+// zero.{stage,world_size}, step_options.{max_grad_norm,deepspeed_scale_order} and scaler_state.*. Each format's
+// describe() adds its own; the scaler's arguments too, where the optimizer exposes them (scaler_io::write_args).
+template <class Opt>
+meta_map describe_common(const Opt& opt, const char* rule, int zero_stage, int zero_world_size) {
+  using Prec = typename Opt::precision_type;
+  using Scaler = typename Opt::scaler_type;
+  meta_map m;
+  m["format"] = format_name;
+  m["format_version"] = std::to_string(format_version);
+  m["rule"] = rule;
+  m["scaler"] = scaler_io<Scaler>::name;
+  m["precision.param"] = dtype_name<typename Prec::param_t>();
+  m["precision.master"] = dtype_name<typename Prec::master_t>();
+  m["precision.grad"] = dtype_name<typename Prec::grad_t>();
+  m["precision.state"] = dtype_name<typename Prec::state_t>();
+  m["precision.compute"] = dtype_name<typename Prec::compute_t>();
+  // Stochastic rounding's random state is the seed (step_options.rounding_seed, where the format has that rounding)
+  // and the step count; resuming bitwise needs the same seed. Kahan's is the compensation tensor of every group.
+  m["precision.master_rounding"] = master_rounding_name<typename Prec::master_rounding>();
+  m["step"] = std::to_string(opt.step_count());
+  m["zero.stage"] = std::to_string(zero_stage);
+  m["zero.world_size"] = std::to_string(zero_world_size);
+  m["step_options.max_grad_norm"] = format_double(opt.options().max_grad_norm);
+  m["step_options.deepspeed_scale_order"] = to_text(opt.options().deepspeed_scale_order);
+  scaler_io<Scaler>::write_state(opt.scaler_state(), m);
+  return m;
+}
+
+// A group's layout keys group.<g>.{size,tensor_sizes,num_states,states} (no tensor sizes: one tensor of `size`).
+// Returns the prefix "group.<g>." for the format's own keys.
+inline std::string describe_group(meta_map& m, std::size_t g, std::size_t size, std::vector<std::size_t> tensor_sizes,
+                                  const char* const* state_names, int num_states) {
+  const std::string k = "group." + std::to_string(g) + ".";
+  if (tensor_sizes.empty()) tensor_sizes.push_back(size);
+  m[k + "size"] = std::to_string(size);
+  m[k + "tensor_sizes"] = join_sizes(tensor_sizes);
+  m[k + "num_states"] = std::to_string(num_states);
+  m[k + "states"] = join_names(state_names, num_states);
+  return k;
+}
+
+// f()'s status, a throw (bad_alloc) turned into a failure: every rank must still reach agree(), or the others would
+// wait there forever.
+template <class F>
+status status_of(F&& f) {
+  try {
+    return f();
+  } catch (const std::exception& e) {
+    return status::invalid(e.what());
+  }
+}
 
 // Every rank calls this with its own outcome; if any failed, every rank throws (the failing rank its own message,
 // the others one naming it), so no rank goes on alone into a collective or a partial state.
@@ -260,24 +356,67 @@ inline std::vector<saved_file> gather_file_info(comm::communicator& c, std::uint
   return out;
 }
 
-// The start of index.json: `{` and its "metadata" object, each key on its own line.
-inline std::string index_metadata_json(const meta_map& meta) {
+// One entry of index.json's "files", with the elements of each group the file holds, or (ranges == nullptr) of a
+// 1-bit checkpoint's "local_files".
+inline std::string file_json(int rank, const std::string& file, const saved_file& f,
+                             const std::vector<zero::range>* ranges = nullptr) {
+  std::string j = "{\"rank\": " + std::to_string(rank) + ", \"file\": " + json::quote(file) +
+                  ", \"bytes\": " + std::to_string(f.bytes) + ", \"crc32\": \"" + hex32(f.crc) + "\"";
+  if (ranges != nullptr) {
+    j += ", \"ranges\": [";
+    for (std::size_t g = 0; g < ranges->size(); ++g)
+      j += std::string(g ? ", " : "") + "[" + std::to_string((*ranges)[g].begin) + ", " +
+           std::to_string((*ranges)[g].end) + "]";
+    j += "]";
+  }
+  return j + "}";
+}
+
+// Writes <dir>/index.json crash-safely (rank 0, last): the "metadata" object, then each named array of file_json()
+// entries; every key and entry on its own line.
+using index_arrays = std::vector<std::pair<const char*, std::vector<std::string>>>;
+inline status write_index(const std::string& dir, const meta_map& meta, const index_arrays& arrays) {
   std::string j = "{\n  \"metadata\": {";
   bool first = true;
   for (const auto& kv : meta) {
     j += std::string(first ? "\n" : ",\n") + "    " + json::quote(kv.first) + ": " + json::quote(kv.second);
     first = false;
   }
-  return j + "\n  }";
-}
-
-inline status write_index(const std::string& dir, const std::string& text) {
+  j += "\n  }";
+  for (const auto& a : arrays) {
+    j += ",\n  " + json::quote(a.first) + ": [";
+    for (std::size_t i = 0; i < a.second.size(); ++i) j += (i ? ",\n    " : "\n    ") + a.second[i];
+    j += "\n  ]";
+  }
+  j += "\n}\n";
   atomic_file f;
   status st = f.open(dir + "/" + index_name);
-  if (st.ok()) st = f.write(text.data(), text.size());
+  if (st.ok()) st = f.write(j.data(), j.size());
   if (st.ok()) st = f.commit();
   return st;
 }
+
+// The saved files a load reads from, each opened (and its CRC-32 checked, where asked) once, when first needed.
+class file_cache {
+ public:
+  file_cache(const index& ix, bool verify_checksums) : ix_(ix), verify_(verify_checksums) {}
+  status get(std::size_t q, const shard_reader*& out) {
+    auto it = open_.find(q);
+    if (it == open_.end()) {
+      shard_reader fresh;
+      const status st = fresh.open(ix_, ix_.files[q], verify_);
+      if (!st.ok()) return st;
+      it = open_.emplace(q, std::move(fresh)).first;
+    }
+    out = &it->second;
+    return status::success();
+  }
+
+ private:
+  const index& ix_;
+  bool verify_;
+  std::map<std::size_t, shard_reader> open_;
+};
 
 }  // namespace detail
 
@@ -285,44 +424,16 @@ inline status write_index(const std::string& dir, const std::string& text) {
 template <class Opt>
 meta_map describe(const Opt& opt) {
   using Rule = typename Opt::rule_type;
-  using Prec = typename Opt::precision_type;
-  using Scaler = typename Opt::scaler_type;
-  meta_map m;
-  m["format"] = format_name;
-  m["format_version"] = std::to_string(format_version);
-  m["rule"] = Rule::name;
-  m["scaler"] = detail::scaler_io<Scaler>::name;
-  m["precision.param"] = dtype_name<typename Prec::param_t>();
-  m["precision.master"] = dtype_name<typename Prec::master_t>();
-  m["precision.grad"] = dtype_name<typename Prec::grad_t>();
-  m["precision.state"] = dtype_name<typename Prec::state_t>();
-  m["precision.compute"] = dtype_name<typename Prec::compute_t>();
-  // Stochastic rounding's random state is the seed and the step count; resuming bitwise needs the same seed.
-  m["precision.master_rounding"] =
-      std::is_same_v<typename Prec::master_rounding, stochastic_rounding> ? "stochastic" : "nearest";
-  m["step_options.rounding_seed"] = std::to_string(opt.options().rounding_seed);
-  m["step"] = std::to_string(opt.step_count());
-  m["zero.stage"] = std::to_string(opt.zero().stage);
-  m["zero.world_size"] = std::to_string(opt.communicator().size());
+  meta_map m = detail::describe_common(opt, Rule::name, opt.zero().stage, opt.communicator().size());
   m["zero.shard_alignment"] = std::to_string(zero::shard_alignment);
-  m["step_options.max_grad_norm"] = format_double(opt.options().max_grad_norm);
-  m["step_options.deepspeed_scale_order"] = detail::to_text(opt.options().deepspeed_scale_order);
-  detail::scaler_io<Scaler>::write(opt.scaler_arguments(), opt.scaler_state(), m);
+  m["step_options.rounding_seed"] = std::to_string(opt.options().rounding_seed);
+  detail::scaler_io<typename Opt::scaler_type>::write_args(opt.scaler_arguments(), m);
   m["groups"] = std::to_string(opt.num_groups());
   for (std::size_t g = 0; g < opt.num_groups(); ++g) {
-    const std::string k = "group." + std::to_string(g) + ".";
     const std::size_t size = opt.layout(g).size;
-    std::vector<std::size_t> ts = opt.tensor_sizes(g);
-    if (ts.empty()) ts.push_back(size);
-    m[k + "size"] = std::to_string(size);
-    m[k + "tensor_sizes"] = join_sizes(ts);
-    m[k + "num_states"] = std::to_string(opt.num_states(g));
+    const std::string k = detail::describe_group(m, g, size, opt.tensor_sizes(g), Rule::state_names, opt.num_states(g));
     m[k + "shard"] = std::to_string(zero::make_partition(size, opt.communicator().size()).shard);
-    std::string names;
-    for (int j = 0; j < opt.num_states(g); ++j) names += (j ? "," : "") + std::string(Rule::state_names[j]);
-    m[k + "states"] = names;
-    typename Rule::args a = opt.hparams(g);
-    hparam_fields<Rule>::visit(a, [&](const char* field, auto& v) { m[k + "hparams." + field] = detail::to_text(v); });
+    detail::write_hparams<Rule>(m, k + "hparams.", opt.hparams(g));
   }
   return m;
 }
@@ -332,21 +443,27 @@ struct save_options {
   meta_map user_metadata;
 };
 
+namespace detail {
+
+// The index's metadata: the optimizer's (describe()), the save's id and the user's keys.
+inline meta_map save_metadata(meta_map described, const std::string& save_id, const save_options& o) {
+  described["save_id"] = save_id;
+  for (const auto& kv : o.user_metadata) described["user." + kv.first] = kv.second;
+  return described;
+}
+
+}  // namespace detail
+
 // Writes `opt` to directory `dir` (created if needed; an older checkpoint there is replaced). Collective; throws
 // mpopt::error on every rank if any rank fails, and then no index.json exists, so the directory does not load.
 template <class Opt>
 void save(Opt& opt, const std::string& dir, const save_options& options = {}) {
-  static_assert(!std::is_same_v<typename Opt::precision_type::master_rounding, kahan_summation>,
-                "mpopt::checkpoint: the Kahan compensation buffer is not checkpointed yet; use nearest_rounding or "
-                "stochastic_rounding for a master you checkpoint");
   comm::communicator& c = opt.communicator();
   const int rank = c.rank(), world = c.size();
   const char* what = "checkpoint save";
   const std::string save_id = detail::begin_save(c, dir, what);
   status st;
-  meta_map meta = describe(opt);
-  meta["save_id"] = save_id;
-  for (const auto& kv : options.user_metadata) meta["user." + kv.first] = kv.second;
+  const meta_map meta = detail::save_metadata(describe(opt), save_id, options);
 
   // This rank's file.
   using Rule = typename Opt::rule_type;
@@ -363,15 +480,11 @@ void save(Opt& opt, const std::string& dir, const save_options& options = {}) {
     ranges.push_back(r);
     file_meta["group." + std::to_string(g) + ".range"] = std::to_string(r.begin) + "," + std::to_string(r.end);
     const std::size_t off = r.empty() ? 0 : r.begin - local.begin;
-    entries.push_back({master_tensor(g),
-                       safetensors_dtype(dtype_of<typename Opt::master_t>::value),
-                       {r.size()},
-                       opt.master(g) + off});
+    entries.push_back(tensor_of(master_tensor(g), r.size(), opt.master(g) + off));
+    if constexpr (std::is_same_v<typename Opt::precision_type::master_rounding, kahan_summation>)
+      entries.push_back(tensor_of(compensation_tensor(g), r.size(), opt.compensation(g) + off));
     for (int j = 0; j < opt.num_states(g); ++j)
-      entries.push_back({state_tensor(g, Rule::state_names[j]),
-                         safetensors_dtype(dtype_of<typename Opt::state_t>::value),
-                         {r.size()},
-                         opt.state(g, j) + off});
+      entries.push_back(tensor_of(state_tensor(g, Rule::state_names[j]), r.size(), opt.state(g, j) + off));
   }
   std::uint64_t bytes = 0;
   std::uint32_t crc = 0;
@@ -381,20 +494,14 @@ void save(Opt& opt, const std::string& dir, const save_options& options = {}) {
   // Sizes and checksums to rank 0, which writes the index last.
   const std::vector<detail::saved_file> files = detail::gather_file_info(c, bytes, crc);
   if (rank == 0) {
-    std::string j = detail::index_metadata_json(meta) + ",\n  \"files\": [";
+    std::vector<std::string> entries_json;
     for (int q = 0; q < world; ++q) {
-      const detail::saved_file& fq = files[std::size_t(q)];
-      j += std::string(q ? ",\n" : "\n") + "    {\"rank\": " + std::to_string(q) +
-           ", \"file\": " + json::quote(rank_file_name(q, world)) + ", \"bytes\": " + std::to_string(fq.bytes) +
-           ", \"crc32\": \"" + hex32(fq.crc) + "\", \"ranges\": [";
-      for (std::size_t g = 0; g < opt.num_groups(); ++g) {
-        const zero::range r = detail::saved_range(opt.layout(g).size, world, q);
-        j += std::string(g ? ", " : "") + "[" + std::to_string(r.begin) + ", " + std::to_string(r.end) + "]";
-      }
-      j += "]}";
+      std::vector<zero::range> saved;
+      for (std::size_t g = 0; g < opt.num_groups(); ++g)
+        saved.push_back(detail::saved_range(opt.layout(g).size, world, q));
+      entries_json.push_back(detail::file_json(q, rank_file_name(q, world), files[std::size_t(q)], &saved));
     }
-    j += "\n  ]\n}\n";
-    st = detail::write_index(dir, j);
+    st = detail::write_index(dir, meta, {{"files", entries_json}});
   }
   detail::agree(c, st, what);
 }
@@ -404,6 +511,11 @@ struct load_options {
   bool restore_hparams = true;   // set each group's hyper-parameters from the checkpoint (lr schedule position etc.)
   // Master and state dtypes must match the checkpoint's unless this is set; then values are rounded (nearest even).
   bool convert_dtypes = false;
+  // The master rounding ("precision.master_rounding") must match the checkpoint's unless this is set; then a Kahan
+  // checkpoint's compensation is folded into the master of an optimizer without one (master + compensation, rounded
+  // once to the master type: the weight Kahan held, which a wider master keeps), and a Kahan optimizer loading a
+  // checkpoint without one starts its compensation at zero, as a fresh optimizer does.
+  bool convert_master_rounding = false;
 };
 
 namespace detail {
@@ -415,8 +527,19 @@ struct staged {
   typename Opt::scaler_state_type scaler{};
   std::int64_t step = 0;
   std::vector<std::vector<typename Opt::master_t>> master;
+  std::vector<std::vector<typename Opt::master_t>> compensation;  // kahan_summation only
   std::vector<std::vector<std::vector<typename Opt::state_t>>> states;
 };
+
+// Elements `piece` of a Kahan checkpoint's master, its compensation folded in, into out[0, piece.size()).
+template <class M>
+status read_folded(const shard_reader& f, std::size_t g, zero::range saved, zero::range piece, M* out) {
+  std::vector<double> m(piece.size()), c(piece.size());
+  status st = f.read(master_tensor(g), saved, piece, m.data(), /*allow_convert=*/true);
+  if (st.ok()) st = f.read(compensation_tensor(g), saved, piece, c.data(), /*allow_convert=*/true);
+  for (std::size_t i = 0; st.ok() && i < piece.size(); ++i) out[i] = kahan_weight<M>(m[i], c[i]);
+  return st;
+}
 
 template <class Opt>
 status stage_load(const Opt& opt, const std::string& dir, const load_options& o, staged<Opt>& out) {
@@ -427,66 +550,55 @@ status stage_load(const Opt& opt, const std::string& dir, const load_options& o,
   if (!st.ok()) return st;
   const meta_map mine = describe(opt);
   const meta_map& saved = ix.metadata;
-  auto same = [&](const std::string& key) -> status {
-    std::string v;
-    status s = meta_get(saved, dir, key, v);
-    if (!s.ok()) return s;
-    const std::string& want = mine.at(key);
-    if (v != want) return meta_error(dir, key, "this optimizer has \"" + want + "\"", v);
-    return status::success();
-  };
-  std::vector<std::string> keys = {"rule", "scaler", "groups", "precision.master_rounding"};
+  std::vector<std::string> keys = {"rule", "scaler", "groups"};
   if (!o.convert_dtypes) keys.insert(keys.end(), {"precision.master", "precision.state"});
+  if (!o.convert_master_rounding) keys.push_back("precision.master_rounding");
   for (const auto& k : keys)
-    if (!(st = same(k)).ok()) return st;
+    if (!(st = meta_same(saved, mine, dir, k)).ok()) {
+      if (k == "precision.master_rounding")
+        st.message +=
+            " (set load_options::convert_master_rounding to load it: a Kahan compensation is then folded "
+            "into the master or started at zero)";
+      return st;
+    }
+  std::string rounding;  // required; read_index checked its value and ix.kahan() reads it
+  if (!(st = meta_get(saved, dir, "precision.master_rounding", rounding)).ok()) return st;
+  constexpr bool kahan = std::is_same_v<typename Opt::precision_type::master_rounding, kahan_summation>;
   for (std::size_t g = 0; g < opt.num_groups(); ++g)
     for (const char* f : {"size", "tensor_sizes", "num_states", "states"})
-      if (!(st = same("group." + std::to_string(g) + "." + f)).ok()) return st;
+      if (!(st = meta_same(saved, mine, dir, "group." + std::to_string(g) + "." + f)).ok()) return st;
 
   out.step = ix.step;
   if (!(st = scaler_io<Scaler>::read(saved, dir, out.scaler)).ok()) return st;
   for (std::size_t g = 0; g < opt.num_groups(); ++g) {
     typename Rule::args a = opt.hparams(g);
-    hparam_fields<Rule>::visit(a, [&](const char* field, auto& v) {
-      if (st.ok()) st = meta_read(saved, dir, "group." + std::to_string(g) + ".hparams." + field, v);
-    });
-    if (!st.ok()) return st;
-    if (o.restore_hparams) {
-      if (!(st = mpopt::detail::with_group_prefix(Rule::validate(a), g)).ok())
-        return status::invalid("checkpoint " + dir + ": " + st.message);
-      if (Rule::num_states(a) != opt.num_states(g))
-        return status::invalid("checkpoint " + dir + ": group " + std::to_string(g) + ": its hyper-parameters need " +
-                               std::to_string(Rule::num_states(a)) + " states, this optimizer has " +
-                               std::to_string(opt.num_states(g)));
-    }
+    if (!(st = read_hparams<Rule>(saved, dir, "group." + std::to_string(g) + ".hparams.", a)).ok()) return st;
+    if (o.restore_hparams && !(st = check_hparams<Rule>(a, dir, "group " + std::to_string(g), opt.num_states(g))).ok())
+      return st;
     out.hparams.push_back(a);
   }
 
   // The data: for each group, the pieces of every saved file that intersect this rank's local range.
-  std::map<std::size_t, shard_reader> open_files;
-  auto reader = [&](std::size_t q, const shard_reader*& r) -> status {
-    auto it = open_files.find(q);
-    if (it == open_files.end()) {
-      shard_reader fresh;
-      const status s = fresh.open(ix, ix.files[q], o.verify_checksums);
-      if (!s.ok()) return s;
-      it = open_files.emplace(q, std::move(fresh)).first;
-    }
-    r = &it->second;
-    return status::success();
-  };
+  file_cache files(ix, o.verify_checksums);
   for (std::size_t g = 0; g < opt.num_groups(); ++g) {
     const zero::range local = opt.local_range(g);
     out.master.emplace_back(local.size());
+    if (kahan) out.compensation.emplace_back(local.size());  // zero unless the checkpoint has one
     out.states.emplace_back(std::size_t(opt.num_states(g)), std::vector<typename Opt::state_t>(local.size()));
     for (std::size_t q = 0; q < ix.files.size(); ++q) {
       const zero::range r = ix.files[q].ranges[g];
       const zero::range piece = zero::intersect(local, r);
       if (piece.empty()) continue;
       const shard_reader* f = nullptr;
-      if (!(st = reader(q, f)).ok()) return st;
+      if (!(st = files.get(q, f)).ok()) return st;
       const std::size_t at = piece.begin - local.begin;
-      st = f->read(master_tensor(g), r, piece, out.master.back().data() + at, o.convert_dtypes);
+      if (ix.kahan() && !kahan) {
+        st = read_folded(*f, g, r, piece, out.master.back().data() + at);
+      } else {
+        st = f->read(master_tensor(g), r, piece, out.master.back().data() + at, o.convert_dtypes);
+        if (st.ok() && kahan && ix.kahan())
+          st = f->read(compensation_tensor(g), r, piece, out.compensation.back().data() + at, o.convert_dtypes);
+      }
       for (int j = 0; st.ok() && j < opt.num_states(g); ++j)
         st = f->read(state_tensor(g, Rule::state_names[j]), r, piece, out.states.back()[std::size_t(j)].data() + at,
                      o.convert_dtypes);
@@ -499,22 +611,14 @@ status stage_load(const Opt& opt, const std::string& dir, const load_options& o,
 }  // namespace detail
 
 // Restores `opt` from directory `dir`, written by save() at any world size and ZeRO stage. Collective. The
-// optimizer must have the same rule, scaler kind, groups (sizes, tensor sizes, state count) and master/state
-// dtypes; a mismatch, a missing or corrupt file throws mpopt::error on every rank, naming the key or file and
-// both values, and leaves the optimizer unchanged.
+// optimizer must have the same rule, scaler kind, groups (sizes, tensor sizes, state count), master/state dtypes
+// and master rounding (load_options relaxes the last two); a mismatch, a missing or corrupt file throws mpopt::error on
+// every rank, naming the key or file and both values, and leaves the optimizer unchanged.
 template <class Opt>
 void load(Opt& opt, const std::string& dir, const load_options& options = {}) {
-  static_assert(!std::is_same_v<typename Opt::precision_type::master_rounding, kahan_summation>,
-                "mpopt::checkpoint: the Kahan compensation buffer is not checkpointed yet; use nearest_rounding or "
-                "stochastic_rounding for a master you checkpoint");
   detail::staged<Opt> s;
-  status st;
-  try {
-    st = detail::stage_load(opt, dir, options, s);
-  } catch (const std::exception& e) {  // e.g. bad_alloc: still agree, so no rank is left waiting
-    st = status::invalid(e.what());
-  }
-  detail::agree(opt.communicator(), st, "checkpoint load");
+  detail::agree(opt.communicator(), detail::status_of([&] { return detail::stage_load(opt, dir, options, s); }),
+                "checkpoint load");
   // Commit: nothing below can fail (sizes and values were checked above).
   if (options.restore_hparams)
     for (std::size_t g = 0; g < opt.num_groups(); ++g) opt.set_hparams(g, s.hparams[g]);
@@ -522,6 +626,8 @@ void load(Opt& opt, const std::string& dir, const load_options& options = {}) {
   opt.set_scaler_state(s.scaler);
   for (std::size_t g = 0; g < opt.num_groups(); ++g) {
     opt.set_local_master(g, s.master[g].data(), s.master[g].size());
+    if constexpr (std::is_same_v<typename Opt::precision_type::master_rounding, kahan_summation>)
+      opt.set_local_compensation(g, s.compensation[g].data(), s.compensation[g].size());
     for (int j = 0; j < opt.num_states(g); ++j)
       opt.set_state(g, j, s.states[g][std::size_t(j)].data(), s.master[g].size());
   }

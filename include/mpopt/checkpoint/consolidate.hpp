@@ -3,6 +3,10 @@
 // element count; a group built without tensor_sizes is one tensor, "group<g>.tensor0"); with `states`, also
 // "group<g>.tensor<t>.<state name>". The file's __metadata__ is the checkpoint's (plus "consolidated_dtype").
 // One group is in memory at a time.
+//
+// A Kahan checkpoint (kahan_summation master) holds each weight as master + compensation: the tool writes that sum,
+// rounded once to the output dtype, which defaults to fp32 there (a 16-bit output would round most of the
+// compensation away again). The compensation itself is not written.
 #pragma once
 
 #include <cstddef>
@@ -20,7 +24,7 @@
 namespace mpopt::checkpoint {
 
 struct consolidate_options {
-  std::string dtype;  // output dtype: "fp32", "bf16", "fp16" or "fp64"; empty: the checkpoint's master dtype
+  std::string dtype;  // output dtype: "fp32", "bf16", "fp16" or "fp64"; empty: the master's (fp32 for a Kahan one)
   bool states = false;
   bool verify_checksums = true;
 };
@@ -39,6 +43,19 @@ status read_full(const index& ix, std::vector<shard_reader>& files, std::size_t 
     if (!st.ok()) return st;
   }
   return status::success();
+}
+
+// Group g's weights as T: the master, plus its compensation in a Kahan checkpoint.
+template <class T>
+status read_weights(const index& ix, std::vector<shard_reader>& files, std::size_t g, std::vector<T>& out) {
+  if (!ix.kahan()) return read_full(ix, files, g, master_tensor(g), out);
+  std::vector<double> m, c;
+  status st = read_full(ix, files, g, master_tensor(g), m);
+  if (st.ok()) st = read_full(ix, files, g, compensation_tensor(g), c);
+  if (!st.ok()) return st;
+  out.resize(m.size());
+  for (std::size_t i = 0; i < m.size(); ++i) out[i] = kahan_weight<T>(m[i], c[i]);
+  return st;
 }
 
 template <class T>
@@ -63,7 +80,7 @@ status consolidate_as(const index& ix, std::vector<shard_reader>& files, const s
   for (std::size_t g = 0; st.ok() && g < ix.groups.size(); ++g) {
     const group_entry& ge = ix.groups[g];
     std::vector<std::vector<T>> full(1 + (o.states ? ge.states.size() : 0));
-    st = read_full(ix, files, g, master_tensor(g), full[0]);
+    st = read_weights(ix, files, g, full[0]);
     for (std::size_t j = 0; st.ok() && j + 1 < full.size(); ++j)
       st = read_full(ix, files, g, state_tensor(g, ge.states[j]), full[j + 1]);
     std::size_t at = 0;
@@ -84,7 +101,7 @@ inline status consolidate(const std::string& dir, const std::string& out, const 
   index ix;
   status st = read_index(dir, ix);
   if (!st.ok()) return st;
-  dtype d = ix.master;
+  dtype d = ix.kahan() ? dtype::fp32 : ix.master;
   if (!o.dtype.empty() && !parse_dtype(o.dtype, d))
     return status::invalid("consolidate: dtype must be fp32, bf16, fp16 or fp64, got \"" + o.dtype + "\"");
   std::vector<shard_reader> files(ix.files.size());

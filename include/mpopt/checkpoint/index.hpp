@@ -2,12 +2,13 @@
 //
 //   <dir>/index.json                         written last, by rank 0; without it the checkpoint does not load
 //   <dir>/rank-<r>-of-<W>.safetensors        one per saving rank: for each group g the rank's element range
-//                                            [begin, end) of "group<g>.master" and "group<g>.state.<name>"
+//                                            [begin, end) of "group<g>.master", "group<g>.state.<name>" and,
+//                                            with a kahan_summation master, "group<g>.master_compensation"
 //
 // index.json = {"metadata": {string: string}, "files": [{"rank", "file", "bytes", "crc32", "ranges": [[b, e], ..]}]}.
 // The metadata (also in every rank file's __metadata__, with "rank" and "group.<g>.range" added) describes the
 // optimizer that wrote it; keys are flat strings so new state adds keys without changing the schema:
-//   format, format_version, save_id, rule, scaler, precision.{param,master,grad,state,compute}, step,
+//   format, format_version, save_id, rule, scaler, precision.{param,master,grad,state,compute,master_rounding}, step,
 //   zero.{stage,world_size,shard_alignment}, groups, group.<g>.{size,tensor_sizes,num_states,states,shard},
 //   group.<g>.hparams.<field>, scaler_args.<field>, scaler_state.<field>, step_options.<field>, user.<key>.
 // Readers ignore keys they do not know; a change old readers must not ignore bumps format_version.
@@ -20,12 +21,14 @@
 #include <cstdlib>
 #include <map>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "../error.hpp"
 #include "../numeric/convert.hpp"
 #include "../numeric/traits.hpp"
+#include "../policy/rounding.hpp"
 #include "../zero/partition.hpp"
 #include "json.hpp"
 #include "safetensors.hpp"
@@ -46,6 +49,31 @@ inline std::string master_tensor(std::size_t g) {
 }
 inline std::string state_tensor(std::size_t g, const std::string& name) {
   return "group" + std::to_string(g) + ".state." + name;
+}
+// kahan_summation: what rounding dropped from each master element, in the master's dtype, resharded like it.
+inline std::string compensation_tensor(std::size_t g) {
+  return "group" + std::to_string(g) + ".master_compensation";
+}
+
+// "precision.master_rounding": nearest, stochastic or kahan (policy/rounding.hpp).
+template <class Rounding>
+constexpr const char* master_rounding_name() {
+  if constexpr (std::is_same_v<Rounding, kahan_summation>) {
+    return "kahan";
+  } else if constexpr (std::is_same_v<Rounding, stochastic_rounding>) {
+    return "stochastic";
+  } else {
+    static_assert(std::is_same_v<Rounding, nearest_rounding>, "master_rounding_name: not a master rounding option");
+    return "nearest";
+  }
+}
+
+// The weight a Kahan master holds, its stored value plus its compensation, rounded once to T. The sum is taken in
+// double, where two 16-bit values add exactly (or, for a compensation below 2^-45 of the weight, with an error far
+// below any T's rounding).
+template <class T>
+T kahan_weight(double master, double compensation) {
+  return convert<T>(master + compensation);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -93,6 +121,12 @@ inline std::string join_sizes(const std::vector<std::size_t>& v) {
   for (std::size_t x : v) s += (s.empty() ? "" : ",") + std::to_string(x);
   return s;
 }
+// The first n names, comma-separated (a group's "states"; split_names() reads it back).
+inline std::string join_names(const char* const* names, int n) {
+  std::string s;
+  for (int j = 0; j < n; ++j) s += (j ? "," : "") + std::string(names[j]);
+  return s;
+}
 inline bool split_sizes(const std::string& s, std::vector<std::size_t>& out) {
   out.clear();
   if (s.empty()) return true;
@@ -121,6 +155,20 @@ inline std::vector<std::string> split_names(const std::string& s) {
 // ---------------------------------------------------------------------------------------------------------------
 // The index.
 
+// Metadata: flat string keys and values (the index's and every file's __metadata__).
+using meta_map = std::map<std::string, std::string>;
+
+namespace detail {
+
+inline status meta_get(const meta_map& m, const std::string& dir, const std::string& key, std::string& out) {
+  auto it = m.find(key);
+  if (it == m.end()) return status::invalid("checkpoint " + dir + ": metadata key \"" + key + "\" is missing");
+  out = it->second;
+  return status::success();
+}
+
+}  // namespace detail
+
 struct file_entry {
   int rank = 0;
   std::string file;  // a name inside the checkpoint directory
@@ -137,20 +185,19 @@ struct group_entry {
 
 struct index {
   std::string dir;
-  std::map<std::string, std::string> metadata;
+  meta_map metadata;
   std::vector<file_entry> files;  // by rank
   std::vector<group_entry> groups;
   int stage = 0, world = 1;
   std::int64_t step = 0;
   dtype master = dtype::fp32, state = dtype::fp32;
+  std::string master_rounding;  // "precision.master_rounding"; empty when the key is absent
+
+  // The rank files also hold each group's compensation_tensor().
+  bool kahan() const { return master_rounding == master_rounding_name<kahan_summation>(); }
 
   // The value of `key`, or an error naming it.
-  status get(const std::string& key, std::string& out) const {
-    auto it = metadata.find(key);
-    if (it == metadata.end()) return status::invalid("checkpoint " + dir + ": metadata key \"" + key + "\" is missing");
-    out = it->second;
-    return status::success();
-  }
+  status get(const std::string& key, std::string& out) const { return detail::meta_get(metadata, dir, key, out); }
   std::string path(const file_entry& f) const { return dir + "/" + f.file; }
 };
 
@@ -159,6 +206,30 @@ namespace detail {
 inline status bad_key(const index& ix, const std::string& key, const std::string& want, const std::string& got) {
   return status::invalid("checkpoint " + ix.dir + ": metadata \"" + key + "\" must be " + want + ", got \"" + got +
                          "\"");
+}
+
+// Entry q of an index.json array of files ("files"; a 1-bit checkpoint's "local_files"), all but its ranges: rank q,
+// a file name inside the checkpoint directory, its size and CRC-32. `where` starts each message.
+inline status read_file_entry(const json::value& f, std::size_t q, const std::string& where, file_entry& e) {
+  const json::value* rank = f.is_object() ? f.find("rank") : nullptr;
+  const json::value* name = f.is_object() ? f.find("file") : nullptr;
+  const json::value* bytes = f.is_object() ? f.find("bytes") : nullptr;
+  const json::value* crc = f.is_object() ? f.find("crc32") : nullptr;
+  std::uint64_t u = 0;
+  if (rank == nullptr || !to_u64(*rank, u) || u != q)
+    return status::invalid(where + "\"rank\" must be " + std::to_string(q));
+  e.rank = int(q);
+  if (name == nullptr || !name->is_string() || name->text.empty() || name->text.find('/') != std::string::npos ||
+      name->text[0] == '.')
+    return status::invalid(where + "\"file\" must be a file name inside the checkpoint directory");
+  e.file = name->text;
+  if (bytes == nullptr || !to_u64(*bytes, e.bytes)) return status::invalid(where + "\"bytes\" is missing");
+  if (crc == nullptr || !crc->is_string() || crc->text.size() != 8)
+    return status::invalid(where + "\"crc32\" must be 8 hex digits");
+  char* end = nullptr;
+  e.crc = std::uint32_t(std::strtoul(crc->text.c_str(), &end, 16));
+  if (*end != '\0') return status::invalid(where + "\"crc32\" must be 8 hex digits, got \"" + crc->text + "\"");
+  return status::success();
 }
 
 }  // namespace detail
@@ -208,6 +279,12 @@ inline status read_index(const std::string& dir, index& ix) {
   if (!parse_dtype(v, ix.master)) return detail::bad_key(ix, "precision.master", "fp32, fp16, bf16 or fp64", v);
   if (!(st = ix.get("precision.state", v)).ok()) return st;
   if (!parse_dtype(v, ix.state)) return detail::bad_key(ix, "precision.state", "fp32, fp16, bf16 or fp64", v);
+  if (ix.get("precision.master_rounding", v).ok()) {
+    if (v != master_rounding_name<nearest_rounding>() && v != master_rounding_name<stochastic_rounding>() &&
+        v != master_rounding_name<kahan_summation>())
+      return detail::bad_key(ix, "precision.master_rounding", "nearest, stochastic or kahan", v);
+    ix.master_rounding = v;
+  }
   std::size_t groups = 0;
   if (!(st = ix.get("groups", v)).ok()) return st;
   if (!parse_size(v, groups)) return detail::bad_key(ix, "groups", "an integer >= 0", v);
@@ -236,26 +313,9 @@ inline status read_index(const std::string& dir, index& ix) {
   for (std::size_t q = 0; q < files->items.size(); ++q) {
     const json::value& f = files->items[q];
     const std::string where = path + ": files[" + std::to_string(q) + "]: ";
-    const json::value* rank = f.is_object() ? f.find("rank") : nullptr;
-    const json::value* name = f.is_object() ? f.find("file") : nullptr;
-    const json::value* bytes = f.is_object() ? f.find("bytes") : nullptr;
-    const json::value* crc = f.is_object() ? f.find("crc32") : nullptr;
-    const json::value* ranges = f.is_object() ? f.find("ranges") : nullptr;
     file_entry e;
-    std::uint64_t u = 0;
-    if (rank == nullptr || !detail::to_u64(*rank, u) || u != q)
-      return status::invalid(where + "\"rank\" must be " + std::to_string(q));
-    e.rank = int(q);
-    if (name == nullptr || !name->is_string() || name->text.empty() || name->text.find('/') != std::string::npos ||
-        name->text[0] == '.')
-      return status::invalid(where + "\"file\" must be a file name inside the checkpoint directory");
-    e.file = name->text;
-    if (bytes == nullptr || !detail::to_u64(*bytes, e.bytes)) return status::invalid(where + "\"bytes\" is missing");
-    if (crc == nullptr || !crc->is_string() || crc->text.size() != 8)
-      return status::invalid(where + "\"crc32\" must be 8 hex digits");
-    char* end = nullptr;
-    e.crc = std::uint32_t(std::strtoul(crc->text.c_str(), &end, 16));
-    if (*end != '\0') return status::invalid(where + "\"crc32\" must be 8 hex digits, got \"" + crc->text + "\"");
+    if (!(st = detail::read_file_entry(f, q, where, e)).ok()) return st;
+    const json::value* ranges = f.is_object() ? f.find("ranges") : nullptr;
     if (ranges == nullptr || !ranges->is_array() || ranges->items.size() != groups)
       return status::invalid(where + "\"ranges\" must list [begin, end] for each of the " + std::to_string(groups) +
                              " groups");

@@ -29,17 +29,10 @@
 #pragma once
 
 #include <algorithm>
-#include <chrono>
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <exception>
-#include <filesystem>
 #include <limits>
-#include <random>
 #include <string>
-#include <system_error>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -89,9 +82,7 @@ inline constexpr int onebit_format_version = 1;
 inline constexpr const char* onebit_state_file = "state.safetensors";
 
 inline std::string local_file_name(int rank, int world) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "local-rank-%05d-of-%05d.safetensors", rank, world);
-  return buf;
+  return "local-" + rank_file_name(rank, world);
 }
 inline std::string worker_error_tensor(std::size_t i) {
   return "errors" + std::to_string(i) + ".worker";
@@ -132,31 +123,11 @@ double& lamb_field(T& ts, int field) {
 }  // namespace detail
 
 // The metadata describing `opt` (the keys at the top and in index.hpp). Every rank computes the same.
+// master_rounding is "nearest", the only one the 1-bit optimizers take; there are no scaler_args (the optimizer does
+// not expose them).
 template <class Rule, class Prec, class Scaler>
 meta_map describe(const onebit::optimizer<Rule, Prec, Scaler>& opt) {
-  using Opt = onebit::optimizer<Rule, Prec, Scaler>;
-  meta_map m;
-  m["format"] = format_name;
-  m["format_version"] = std::to_string(format_version);
-  m["rule"] = Rule::name;
-  m["scaler"] = detail::scaler_io<Scaler>::name;
-  m["precision.param"] = dtype_name<typename Opt::param_t>();
-  m["precision.master"] = dtype_name<typename Opt::master_t>();
-  m["precision.grad"] = dtype_name<typename Opt::grad_t>();
-  m["precision.state"] = dtype_name<typename Opt::state_t>();
-  m["precision.compute"] = dtype_name<typename Opt::C>();
-  m["precision.master_rounding"] = "nearest";  // the only rounding the 1-bit optimizers take
-  m["step"] = std::to_string(opt.step_count());
-  m["zero.stage"] = "0";
-  m["zero.world_size"] = "1";  // the replicated state is written once
-  m["step_options.max_grad_norm"] = format_double(opt.options().max_grad_norm);
-  m["step_options.deepspeed_scale_order"] = detail::to_text(opt.options().deepspeed_scale_order);
-  {  // The scaler's state only: its arguments are not observable (default ones would be written).
-    meta_map s;
-    detail::scaler_io<Scaler>::write(typename Scaler::args{}, opt.scaler_state(), s);
-    for (const auto& kv : s)
-      if (kv.first.rfind("scaler_state.", 0) == 0) m.insert(kv);
-  }
+  meta_map m = detail::describe_common(opt, Rule::name, 0, 1);  // the replicated state is written once
   m["onebit.format_version"] = std::to_string(onebit_format_version);
   m["onebit.world_size"] = std::to_string(opt.communicator().size());
   m["onebit.options.accept_unverified_precision"] = detail::to_text(opt.onebit_options().accept_unverified_precision);
@@ -173,17 +144,9 @@ meta_map describe(const onebit::optimizer<Rule, Prec, Scaler>& opt) {
   }
   m["groups"] = std::to_string(opt.num_groups());
   for (std::size_t g = 0; g < opt.num_groups(); ++g) {
-    const std::string k = "group." + std::to_string(g) + ".";
-    m[k + "size"] = std::to_string(opt.size(g));
-    std::vector<std::size_t> ts = opt.tensor_sizes(g);
-    if (ts.empty()) ts.push_back(opt.size(g));
-    m[k + "tensor_sizes"] = join_sizes(ts);
-    m[k + "num_states"] = std::to_string(Rule::max_states);
-    std::string names;
-    for (int j = 0; j < Rule::max_states; ++j) names += (j ? "," : "") + std::string(Rule::state_names[j]);
-    m[k + "states"] = names;
-    typename Rule::args a = opt.hparams(g);
-    hparam_fields<Rule>::visit(a, [&](const char* field, auto& v) { m[k + "hparams." + field] = detail::to_text(v); });
+    const std::string k =
+        detail::describe_group(m, g, opt.size(g), opt.tensor_sizes(g), Rule::state_names, Rule::max_states);
+    detail::write_hparams<Rule>(m, k + "hparams.", opt.hparams(g));
     if constexpr (std::is_same_v<Rule, zero_one_adam>) m[k + "accumulated_lr"] = format_double(opt.accumulated_lr(g));
     if constexpr (std::is_same_v<Rule, onebit_lamb>) m[k + "tensors"] = std::to_string(opt.lamb_state(g).size());
   }
@@ -196,20 +159,15 @@ namespace detail {
 template <class Rule, class Prec, class Scaler>
 status write_onebit_state(const onebit::optimizer<Rule, Prec, Scaler>& opt, const std::string& path,
                           const meta_map& meta, std::uint64_t& bytes, std::uint32_t& crc) {
-  using Opt = onebit::optimizer<Rule, Prec, Scaler>;
   std::vector<tensor_entry> entries;
   std::vector<std::vector<double>> lamb;  // the per-tensor fields, gathered into arrays
   for (std::size_t g = 0; g < opt.num_groups(); ++g) {
     const std::uint64_t n = opt.size(g);
-    entries.push_back(
-        {master_tensor(g), safetensors_dtype(dtype_of<typename Opt::master_t>::value), {n}, opt.master(g)});
+    entries.push_back(tensor_of(master_tensor(g), n, opt.master(g)));
     for (int j = 0; j < Rule::max_states; ++j)
-      entries.push_back({state_tensor(g, Rule::state_names[j]),
-                         safetensors_dtype(dtype_of<typename Opt::state_t>::value),
-                         {n},
-                         opt.state(g, j)});
+      entries.push_back(tensor_of(state_tensor(g, Rule::state_names[j]), n, opt.state(g, j)));
     if constexpr (std::is_same_v<Rule, zero_one_adam>)
-      entries.push_back({sync_point_tensor(g), "F32", {n}, opt.sync_point(g)});
+      entries.push_back(tensor_of(sync_point_tensor(g), n, opt.sync_point(g)));
     if constexpr (std::is_same_v<Rule, onebit_lamb>) {
       const auto& ts = opt.lamb_state(g);
       for (int f = 0; f < 4; ++f) {
@@ -222,7 +180,7 @@ status write_onebit_state(const onebit::optimizer<Rule, Prec, Scaler>& opt, cons
     std::size_t at = 0;  // `lamb` is complete: its data pointers stay put
     for (std::size_t g = 0; g < opt.num_groups(); ++g)
       for (int f = 0; f < 4; ++f, ++at)
-        entries.push_back({lamb_state_tensor(g, f), "F64", {lamb[at].size()}, lamb[at].data()});
+        entries.push_back(tensor_of(lamb_state_tensor(g, f), lamb[at].size(), lamb[at].data()));
   }
   meta_map file_meta = meta;
   file_meta["rank"] = "0";
@@ -234,34 +192,21 @@ status write_onebit_state(const onebit::optimizer<Rule, Prec, Scaler>& opt, cons
 template <class Rule, class Prec, class Scaler>
 status write_onebit_rank_file(const onebit::optimizer<Rule, Prec, Scaler>& opt, const std::string& path,
                               const meta_map& meta, int rank, std::uint64_t& bytes, std::uint32_t& crc) {
-  using Opt = onebit::optimizer<Rule, Prec, Scaler>;
   std::vector<tensor_entry> entries;
   for (std::size_t i = 0; i < opt.num_error_buffers(); ++i) {
     const onebit::error_feedback& e = opt.errors(i);
-    entries.push_back({worker_error_tensor(i), "F32", {e.worker.size()}, e.worker.data()});
-    entries.push_back({server_error_tensor(i), "F32", {e.server.size()}, e.server.data()});
+    entries.push_back(tensor_of(worker_error_tensor(i), e.worker.size(), e.worker.data()));
+    entries.push_back(tensor_of(server_error_tensor(i), e.server.size(), e.server.data()));
   }
   if constexpr (std::is_same_v<Rule, zero_one_adam>) {
     for (std::size_t g = 0; g < opt.num_groups(); ++g) {
-      const std::uint64_t n = opt.size(g);
-      entries.push_back(
-          {master_tensor(g), safetensors_dtype(dtype_of<typename Opt::master_t>::value), {n}, opt.master(g)});
-      entries.push_back({state_tensor(g, Rule::state_names[0]),
-                         safetensors_dtype(dtype_of<typename Opt::state_t>::value),
-                         {n},
-                         opt.state(g, 0)});
+      entries.push_back(tensor_of(master_tensor(g), opt.size(g), opt.master(g)));
+      entries.push_back(tensor_of(state_tensor(g, Rule::state_names[0]), opt.size(g), opt.state(g, 0)));
     }
   }
   meta_map file_meta = meta;
   file_meta["rank"] = std::to_string(rank);
   return write_file(path, entries, file_meta, &bytes, &crc);
-}
-
-// One entry of index.json's "files" or "local_files"; `more` adds members.
-inline std::string file_json(int rank, const std::string& file, std::uint64_t bytes, std::uint32_t crc,
-                             const std::string& more = "") {
-  return "{\"rank\": " + std::to_string(rank) + ", \"file\": " + json::quote(file) +
-         ", \"bytes\": " + std::to_string(bytes) + ", \"crc32\": \"" + hex32(crc) + "\"" + more + "}";
 }
 
 }  // namespace detail
@@ -277,34 +222,27 @@ void save(const onebit::optimizer<Rule, Prec, Scaler>& opt, const std::string& d
   status st;
 
   meta_map meta;
-  std::uint64_t state_bytes = 0, bytes = 0;
-  std::uint32_t state_crc = 0, crc = 0;
-  try {  // a throw (bad_alloc) must still reach agree(), or the other ranks would wait forever
-    meta = describe(opt);
-    meta["save_id"] = save_id;
-    for (const auto& kv : options.user_metadata) meta["user." + kv.first] = kv.second;
-    if (rank == 0) st = detail::write_onebit_state(opt, dir + "/" + onebit_state_file, meta, state_bytes, state_crc);
-    if (st.ok())
-      st = detail::write_onebit_rank_file(opt, dir + "/" + local_file_name(rank, world), meta, rank, bytes, crc);
-  } catch (const std::exception& e) {
-    st = status::invalid(e.what());
-  }
+  detail::saved_file state, own;
+  st = detail::status_of([&] {
+    meta = detail::save_metadata(describe(opt), save_id, options);
+    status s;
+    if (rank == 0) s = detail::write_onebit_state(opt, dir + "/" + onebit_state_file, meta, state.bytes, state.crc);
+    if (s.ok())
+      s = detail::write_onebit_rank_file(opt, dir + "/" + local_file_name(rank, world), meta, rank, own.bytes, own.crc);
+    return s;
+  });
   detail::agree(c, st, what);
 
   // Sizes and checksums to rank 0, which writes the index last.
-  const std::vector<detail::saved_file> files = detail::gather_file_info(c, bytes, crc);
+  const std::vector<detail::saved_file> files = detail::gather_file_info(c, own.bytes, own.crc);
   if (rank == 0) {
-    std::string ranges;  // the state file holds all of every group
-    for (std::size_t g = 0; g < opt.num_groups(); ++g)
-      ranges += std::string(g ? ", " : "") + "[0, " + std::to_string(opt.size(g)) + "]";
-    std::string j = detail::index_metadata_json(meta) + ",\n  \"files\": [\n    " +
-                    detail::file_json(0, onebit_state_file, state_bytes, state_crc, ", \"ranges\": [" + ranges + "]") +
-                    "\n  ],\n  \"local_files\": [";
+    std::vector<zero::range> all;  // the state file holds all of every group
+    for (std::size_t g = 0; g < opt.num_groups(); ++g) all.push_back({0, opt.size(g)});
+    std::vector<std::string> local;
     for (int q = 0; q < world; ++q)
-      j += std::string(q ? ",\n    " : "\n    ") +
-           detail::file_json(q, local_file_name(q, world), files[std::size_t(q)].bytes, files[std::size_t(q)].crc);
-    j += "\n  ]\n}\n";
-    st = detail::write_index(dir, j);
+      local.push_back(detail::file_json(q, local_file_name(q, world), files[std::size_t(q)]));
+    st = detail::write_index(
+        dir, meta, {{"files", {detail::file_json(0, onebit_state_file, state, &all)}}, {"local_files", local}});
   }
   detail::agree(c, st, what);
 }
@@ -348,26 +286,9 @@ inline status read_local_files(const index& ix, int world, std::vector<file_entr
     return status::invalid(path + ": \"local_files\" must list one file for each of the onebit.world_size = " +
                            std::to_string(world) + " ranks");
   for (std::size_t q = 0; q < files->items.size(); ++q) {
-    const json::value& f = files->items[q];
-    const std::string where = path + ": local_files[" + std::to_string(q) + "]: ";
-    const json::value* rank = f.is_object() ? f.find("rank") : nullptr;
-    const json::value* name = f.is_object() ? f.find("file") : nullptr;
-    const json::value* bytes = f.is_object() ? f.find("bytes") : nullptr;
-    const json::value* crc = f.is_object() ? f.find("crc32") : nullptr;
     file_entry e;
-    std::uint64_t u = 0;
-    if (rank == nullptr || !to_u64(*rank, u) || u != q)
-      return status::invalid(where + "\"rank\" must be " + std::to_string(q));
-    e.rank = int(q);
-    if (name == nullptr || !name->is_string() || name->text.empty() || name->text.find('/') != std::string::npos ||
-        name->text[0] == '.')
-      return status::invalid(where + "\"file\" must be a file name inside the checkpoint directory");
-    e.file = name->text;
-    if (bytes == nullptr || !to_u64(*bytes, e.bytes)) return status::invalid(where + "\"bytes\" is missing");
-    char* end = nullptr;
-    if (crc == nullptr || !crc->is_string() || crc->text.size() != 8 ||
-        (e.crc = std::uint32_t(std::strtoul(crc->text.c_str(), &end, 16)), *end != '\0'))
-      return status::invalid(where + "\"crc32\" must be 8 hex digits");
+    st = read_file_entry(files->items[q], q, path + ": local_files[" + std::to_string(q) + "]: ", e);
+    if (!st.ok()) return st;
     out.push_back(std::move(e));
   }
   return status::success();
@@ -381,14 +302,6 @@ status stage_onebit_load(const onebit::optimizer<Rule, Prec, Scaler>& opt, const
   if (!st.ok()) return st;
   const meta_map mine = describe(opt);
   const meta_map& saved = ix.metadata;
-  auto same = [&](const std::string& key) -> status {
-    std::string v;
-    status s = meta_get(saved, dir, key, v);
-    if (!s.ok()) return s;
-    const std::string& want = mine.at(key);
-    if (v != want) return meta_error(dir, key, "this optimizer has \"" + want + "\"", v);
-    return status::success();
-  };
   // The rule first: a checkpoint of another optimizer fails there, before any 1-bit key is missed.
   std::vector<std::string> keys = {"rule", "scaler", "precision.master_rounding", "onebit.format_version", "groups"};
   if (!o.convert_dtypes) keys.insert(keys.end(), {"precision.master", "precision.state"});
@@ -399,8 +312,7 @@ status stage_onebit_load(const onebit::optimizer<Rule, Prec, Scaler>& opt, const
   keys.push_back("onebit.error_buffers");
   for (std::size_t i = 0; i < opt.num_error_buffers(); ++i)
     keys.push_back("onebit.errors." + std::to_string(i) + ".size");
-  for (const auto& k : keys)
-    if (!(st = same(k)).ok()) return st;
+  if (!(st = meta_all_same(saved, mine, dir, keys)).ok()) return st;
   if (ix.files.size() != 1)
     return meta_error(dir, "zero.world_size", "a 1-bit checkpoint has one state file (\"1\")",
                       std::to_string(ix.files.size()));
@@ -429,12 +341,8 @@ status stage_onebit_load(const onebit::optimizer<Rule, Prec, Scaler>& opt, const
   for (std::size_t g = 0; g < opt.num_groups(); ++g) {
     const std::string k = "group." + std::to_string(g) + ".";
     typename Rule::args a = opt.hparams(g);
-    hparam_fields<Rule>::visit(a, [&](const char* field, auto& v) {
-      if (st.ok()) st = meta_read(saved, dir, k + "hparams." + field, v);
-    });
-    if (!st.ok()) return st;
-    if (o.restore_hparams && !(st = mpopt::detail::with_group_prefix(Rule::validate(a), g)).ok())
-      return status::invalid("checkpoint " + dir + ": " + st.message);
+    if (!(st = read_hparams<Rule>(saved, dir, k + "hparams.", a)).ok()) return st;
+    if (o.restore_hparams && !(st = check_hparams<Rule>(a, dir, "group " + std::to_string(g))).ok()) return st;
     out.hparams.push_back(a);
     if constexpr (std::is_same_v<Rule, zero_one_adam>) {
       double lr = 0;
@@ -514,15 +422,9 @@ status stage_onebit_load(const onebit::optimizer<Rule, Prec, Scaler>& opt, const
 template <class Rule, class Prec, class Scaler>
 onebit_load_result load(onebit::optimizer<Rule, Prec, Scaler>& opt, const std::string& dir,
                         const load_options& options = {}) {
-  using Opt = onebit::optimizer<Rule, Prec, Scaler>;
-  detail::onebit_staged<Opt> s;
-  status st;
-  try {
-    st = detail::stage_onebit_load(opt, dir, options, s);
-  } catch (const std::exception& e) {  // e.g. bad_alloc: still agree, so no rank is left waiting
-    st = status::invalid(e.what());
-  }
-  detail::agree(opt.communicator(), st, "checkpoint load");
+  detail::onebit_staged<onebit::optimizer<Rule, Prec, Scaler>> s;
+  detail::agree(opt.communicator(), detail::status_of([&] { return detail::stage_onebit_load(opt, dir, options, s); }),
+                "checkpoint load");
   // Commit: nothing below can fail (sizes and values were checked above).
   if (options.restore_hparams)
     for (std::size_t g = 0; g < opt.num_groups(); ++g) opt.set_hparams(g, s.hparams[g]);

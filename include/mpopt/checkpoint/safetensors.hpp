@@ -398,6 +398,12 @@ struct tensor_entry {
   const void* data = nullptr;
 };
 
+// A 1-D entry of n elements of T (float, half_t, bf16_t or double) at `data`, in T's dtype.
+template <class T>
+tensor_entry tensor_of(std::string name, std::uint64_t n, const T* data) {
+  return {std::move(name), safetensors_dtype(dtype_of<T>::value), {n}, data};
+}
+
 // Writes one safetensors file crash-safely: begin() writes the header, write() the tensors' bytes in entry order,
 // finish() checks the count and commits (fsync + rename).
 class safetensors_writer {

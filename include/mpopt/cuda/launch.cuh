@@ -146,16 +146,22 @@ class device_table {
 };
 
 // Blocks of `kernel` the device holds at once: what the occupancy calculator allows per SM times the SM count.
-// Queries only, no synchronisation.
+// Queries only, no synchronisation. The first form reports a failed query; the second throws (API edge).
+template <class Kernel>
+cudaError_t query_resident_blocks(Kernel kernel, std::uint64_t& blocks) {
+  int device = 0, sms = 0, per_sm = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block_threads, 0);
+  blocks = std::uint64_t(std::max(1, sms)) * std::uint64_t(std::max(1, per_sm));
+  return e;
+}
+
 template <class Kernel>
 std::uint64_t resident_blocks(Kernel kernel, const std::string& what) {
-  int device = 0, sms = 0, per_sm = 0;
-  throw_if_cuda_error(cudaGetDevice(&device), "cudaGetDevice");
-  throw_if_cuda_error(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-                      "cudaDeviceGetAttribute(multiProcessorCount)");
-  throw_if_cuda_error(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block_threads, 0),
-                      "cudaOccupancyMaxActiveBlocksPerMultiprocessor(" + what + ")");
-  return std::uint64_t(std::max(1, sms)) * std::uint64_t(std::max(1, per_sm));
+  std::uint64_t blocks = 0;
+  throw_if_cuda_error(query_resident_blocks(kernel, blocks), "occupancy query (" + what + ")");
+  return blocks;
 }
 
 // Grid-stride launches fill the device once and never start more blocks than there are chunks.

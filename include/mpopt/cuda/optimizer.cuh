@@ -25,7 +25,6 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <sstream>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -253,16 +252,10 @@ class optimizer {
     std::uint32_t ratio_grid = 0;
   };
 
-  static std::string pointer_text(const void* p) {
-    std::ostringstream os;
-    os << p;
-    return os.str();
-  }
-
   template <class T>
   static status check_alignment(const T* p, const char* name, std::size_t g) {
     if (p == nullptr || is_aligned(p, sizeof(T))) return status::success();
-    return status::invalid("group " + std::to_string(g) + ": " + name + " " + pointer_text(p) +
+    return status::invalid("group " + std::to_string(g) + ": " + name + " " + detail::pointer_text(p) +
                            " is not aligned to its element size (" + std::to_string(sizeof(T)) + " bytes, " +
                            dtype_name<T>() + ")");
   }
@@ -283,39 +276,10 @@ class optimizer {
     return s;
   }
 
-  // Rejects memory the current device cannot use: plain host memory, or another device's memory.
-  static status check_pointer(const void* p, const char* name, std::size_t g, int device) {
-    const std::string what = "group " + std::to_string(g) + ": " + name + " " + pointer_text(p);
-    cudaPointerAttributes attr{};
-    const cudaError_t err = cudaPointerGetAttributes(&attr, p);
-    if (err != cudaSuccess) {
-      (void)cudaGetLastError();
-      return status::invalid(what + " is not memory CUDA knows (cudaPointerGetAttributes: " + cudaGetErrorName(err) +
-                             ")");
-    }
-    switch (attr.type) {
-      case cudaMemoryTypeDevice:
-        if (attr.device != device)
-          return status::invalid(what + " is memory of device " + std::to_string(attr.device) +
-                                 ", but the optimizer is built on device " + std::to_string(device));
-        return status::success();
-      case cudaMemoryTypeManaged: return status::success();
-      case cudaMemoryTypeHost:
-        if (attr.devicePointer != p)
-          return status::invalid(what + " is pinned host memory that the device sees at another address (" +
-                                 pointer_text(attr.devicePointer) + "); pass that address");
-        return status::success();
-      default:
-        return status::invalid(what +
-                               " is host memory, not device memory: pass device pointers (cudaMalloc, "
-                               "cudaMallocManaged, or mapped pinned memory)");
-    }
-  }
-
   static status check_memory(const group_type& spec, std::size_t g, int device) {
     if (spec.size == 0) return status::success();
-    status s = check_pointer(spec.params, "params", g, device);
-    if (s.ok()) s = check_pointer(spec.grads, "grads", g, device);
+    status s = detail::check_device_pointer(spec.params, "params", g, device);
+    if (s.ok()) s = detail::check_device_pointer(spec.grads, "grads", g, device);
     return s;
   }
 

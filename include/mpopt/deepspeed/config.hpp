@@ -19,6 +19,10 @@
 //    convergence is only verified under fp16 and runs them: so does the importer, which records the opt-in that
 //    mpopt::onebit::optimizer requires for such a precision (optimizer_config::accept_unverified_precision,
 //    deepspeed::onebit_options_of). With ZeRO they are refused, as in DeepSpeed.
+//  - data_types.grad_accum_dtype is the dtype micro-batch grads are summed in, and so the grad role of the optimizer's
+//    precision policy (precision_config). mpopt accumulates in any dtype at any ZeRO stage; DeepSpeed refuses a
+//    dtype other than the model's without ZeRO (a warning says so). The 1-bit optimizers take grads in the model dtype.
+//  - Muon: DeepSpeed's MuonWithAuxAdam (read_optimizer_params has the keys, defaults and differences).
 // deepspeed/dispatch.hpp maps a config onto the compiled optimizer types.
 #pragma once
 
@@ -39,13 +43,17 @@
 #include "../rule/adam.hpp"
 #include "../rule/lamb.hpp"
 #include "../rule/lion.hpp"
+#include "../rule/muon.hpp"
 #include "../rule/onebit.hpp"
 #include "../rule/sgd.hpp"
 #include "../scaler/loss_scaler.hpp"
 
 namespace mpopt::deepspeed {
 
-// The dtype of each role. param and grad are the model's dtype; grad_accum is data_types.grad_accum_dtype.
+// The dtype of each role. param and grad are the model's dtype: grad is what backward produces per micro-batch.
+// grad_accum is data_types.grad_accum_dtype (default: the model dtype): the caller sums the micro-batch grads into a
+// buffer of this dtype (mpopt/grad_accumulation.hpp), which the optimizer reads, so it is the grad role of the
+// optimizer's precision policy (optimizer_grad_dtype).
 struct precision_config {
   dtype param = dtype::fp32;
   dtype master = dtype::fp32;
@@ -53,6 +61,11 @@ struct precision_config {
   dtype state = dtype::fp32;
   dtype grad_accum = dtype::fp32;
 };
+
+// The grad role of the optimizer's precision policy: the accumulation dtype, which the optimizer reads.
+inline dtype optimizer_grad_dtype(const precision_config& p) noexcept {
+  return p.grad_accum;
+}
 
 enum class scaler_kind : std::uint8_t { none, fixed, dynamic };  // no_scaler, static_scaler, dynamic_scaler
 
@@ -91,10 +104,39 @@ struct zero_config {
   offload_config offload_optimizer{};
 };
 
+// DeepSpeed's MuonWithAuxAdam defaults (runtime/zero/muon/original_muon.py). Matrices: lr 0.02, momentum 0.95,
+// weight_decay 0, and what its muon_update fixes: Nesterov, 5 Newton-Schulz steps of the quintic (3.4445, -4.7750,
+// 2.0315), lr scaled by sqrt(max(1, rows / cols)) (mpopt's adjust_lr original). eps stays mpopt's 1e-7: DeepSpeed
+// divides by ||X|| + 1e-7, mpopt (as torch.optim.Muon) by max(||X||, 1e-7); the two differ only for ||X|| near 1e-7.
+inline muon::args deepspeed_muon_defaults() {
+  muon::args a;
+  a.lr = 0.02;
+  a.momentum = 0.95;
+  a.nesterov = true;
+  a.weight_decay = 0.0;
+  a.ns_coefficients = muon::ns_coefficients_type{};
+  a.ns_steps = 5;
+  a.adjust_lr = muon_adjust_lr::original;
+  return a;
+}
+// The other params' AdamW (adam_update: bias-corrected moments, decoupled decay): lr 3e-4, betas (0.9, 0.95), eps
+// 1e-10, weight_decay 0.
+inline adamw::args deepspeed_muon_aux_defaults() {
+  adamw::args a;
+  a.lr = 3e-4;
+  a.beta1 = 0.9;
+  a.beta2 = 0.95;
+  a.eps = 1e-10;
+  a.weight_decay = 0.0;
+  a.bias_correction = true;
+  a.amsgrad = false;
+  return a;
+}
+
 // The optimizer section mapped onto mpopt's rules. `name` is the lower-cased DeepSpeed type: adam, adamw, sgd,
-// adagrad, lamb and lion are also the rules' names; onebitadam, zerooneadam and onebitlamb are the rules
-// onebit_adam, zero_one_adam and onebit_lamb (rule_name()); muon is parsed but has no rule in this build yet;
-// "" when the config has no optimizer section (a client optimizer).
+// adagrad, lamb, lion and muon are also the rules' names; onebitadam, zerooneadam and onebitlamb are the rules
+// onebit_adam, zero_one_adam and onebit_lamb (rule_name()); "" when the config has no optimizer section (a client
+// optimizer).
 struct optimizer_config {
   std::string type;  // as written
   std::string name;
@@ -106,6 +148,12 @@ struct optimizer_config {
   onebit_adam::args onebit_adam_args{};
   zero_one_adam::args zero_one_adam_args{};
   onebit_lamb::args onebit_lamb_args{};
+  // Muon: muon_args for the matrices (DeepSpeed's use_muon params), muon_aux_args for the AdamW on the others.
+  // Which params are which is the caller's choice (mpopt::muon_group / the aux param_groups).
+  muon::args muon_args = deepspeed_muon_defaults();
+  adamw::args muon_aux_args = deepspeed_muon_aux_defaults();
+  std::string ns_method = "gram";  // as written: "gram" (DeepSpeed's default) or "standard"; mpopt runs the standard
+                                   // iteration for both (read_optimizer_params says why)
   bool torch_adam = false;
   // The 1-bit optimizers' transport, recorded as written (DeepSpeed's defaults): mpopt communicates through the
   // communicator given to mpopt::onebit::optimizer, whichever backend the config names.
@@ -421,7 +469,8 @@ inline void read_zero(reader& r, const json& s, config& c, bool& bucket_given) {
                                                 "zero_quantized_gradients",
                                                 "memory_efficient_linear",
                                                 "mics_shard_size",
-                                                "mics_hierarchical_params_gather"};
+                                                "mics_hierarchical_params_gather",
+                                                "save_muon_momentum_buffer_in_memory"};
   r.check_keys(s, p,
                {"stage", "reduce_bucket_size", "allgather_bucket_size", "stage3_max_live_parameters",
                 "offload_optimizer", "cpu_offload"},
@@ -600,16 +649,42 @@ inline void read_optimizer_params(reader& r, const json& params, config& c) {
       else
         o.comm_backend_name = backend;
     }
-  } else {
-    return;  // Muon: parameters recorded as written, checked when its rule exists
+  } else {  // Muon: the keys engine.py passes to MuonWithAuxAdam; it drops any other key silently, mpopt refuses it
+    known = {"lr", "muon_lr", "momentum", "weight_decay", "ns_method", "adam_lr", "betas", "eps"};
+    muon::args& m = o.muon_args;
+    adamw::args& a = o.muon_aux_args;
+    m = deepspeed_muon_defaults();
+    a = deepspeed_muon_aux_defaults();
+    double shared = 0;  // lr and weight_decay go to both kinds of group
+    if (r.finite_number(params, "lr", p, shared)) m.lr = a.lr = shared;
+    if (r.finite_number(params, "weight_decay", p, shared)) m.weight_decay = a.weight_decay = shared;
+    num("muon_lr", m.lr);  // override lr for the matrices
+    num("adam_lr", a.lr);  // and for the others
+    num("momentum", m.momentum);
+    betas(a.beta1, a.beta2);
+    num("eps", a.eps);
+    // "gram" iterates on X Xᵀ and is the standard iteration reordered, equal in exact arithmetic; mpopt runs the
+    // standard one for both names. No warning: the difference is rounding, smaller than that of the GEMM precision
+    // (DeepSpeed's GPUs run gram in fp16 and standard in bf16; mpopt's is muon_optimizer's Gemm), and DeepSpeed
+    // itself runs the standard iteration for square matrices. The name is recorded and printed.
+    o.ns_method = "gram";
+    std::string ns;
+    if (r.string(params, "ns_method", p, ns)) {
+      if (ns != "gram" && ns != "standard")
+        r.error(p + ".ns_method: must be \"gram\" or \"standard\", got \"" + ns + "\"");
+      else
+        o.ns_method = ns;
+    }
   }
   for (auto it = params.begin(); it != params.end(); ++it) {
     if (known.count(it.key()) || it.key() == "max_grad_norm") continue;
-    r.error(p + "." + it.key() + ": unknown parameter for optimizer \"" + o.type + "\" (known: " + [&] {
-      std::string k;
-      for (const auto& s : known) k += (k.empty() ? "" : ", ") + s;
-      return k;
-    }() + ")");
+    r.error(p + "." + it.key() + ": unknown parameter for optimizer \"" + o.type + "\" (known: " +
+            [&] {
+              std::string k;
+              for (const auto& s : known) k += (k.empty() ? "" : ", ") + s;
+              return k;
+            }() +
+            ")" + (n == "muon" ? "; DeepSpeed passes only these to MuonWithAuxAdam and drops the rest silently" : ""));
   }
 }
 
@@ -677,9 +752,11 @@ inline void read_torch_autocast(reader& r, const json& s, config& c) {
         "documented bfloat16. Set it explicitly");
 }
 
-// A 1-bit rule's validate() message "<rule>.<field> must be ..., got v" as "optimizer.params.<key>: must be ..., got
-// <the value as written>": the DeepSpeed key (beta1/beta2 are betas[0]/betas[1]) and its value, or "(the default)".
-inline std::string param_error(const std::string& rule, const std::string& message, const json& params) {
+// A 1-bit or Muon rule's validate() message "<rule>.<field> must be ..., got v" as "optimizer.params.<key>: must be
+// ..., got <the value as written>": the DeepSpeed key (beta1/beta2 are betas[0]/betas[1], lr is lr_key) and its
+// value, or "(the default)".
+inline std::string param_error(const std::string& rule, const std::string& message, const json& params,
+                               const std::string& lr_key = "lr") {
   const std::string prefix = rule + ".";
   const std::size_t space = message.find(' ');
   if (message.compare(0, prefix.size(), prefix) != 0 || space == std::string::npos)
@@ -687,7 +764,7 @@ inline std::string param_error(const std::string& rule, const std::string& messa
   const std::string field = message.substr(prefix.size(), space - prefix.size());
   std::string what = message.substr(space);  // " must be ..., got v"
   const bool beta = field == "beta1" || field == "beta2";
-  const std::string key = beta ? "betas" : field;
+  const std::string key = beta ? "betas" : field == "lr" ? lr_key : field;
   const json* written = nullptr;
   if (params.contains(key)) {
     written = &params.at(key);
@@ -744,6 +821,29 @@ inline void check_rules(reader& r, config& c, bool dynamic_fields_set) {
              "onebit::options::accept_unverified_precision, without which mpopt::onebit::optimizer refuses this "
              "precision)");
   }
+  // A grad_accum_dtype other than the model dtype: the optimizer's grads are the accumulation buffer, in that dtype.
+  const precision_config& p = c.precision;
+  if (p.grad_accum != p.grad) {
+    const std::string key = std::string("data_types.grad_accum_dtype: ") + dtype_name(p.grad_accum);
+    if (is_one_bit_optimizer(n))
+      r.error(key + " differs from the model dtype " + dtype_name(p.grad) + "; optimizer \"" + c.optimizer.type +
+              "\" takes its grads in the model dtype (mpopt::onebit::optimizer has no separate accumulation dtype). "
+              "Remove data_types.grad_accum_dtype, or set it to \"" +
+              dtype_name(p.grad) + "\"");
+    else if (stage == 0)
+      r.warn(key + " with a " + dtype_name(p.grad) +
+             " model at zero_optimization.stage 0: DeepSpeed refuses this mix without ZeRO (NotImplementedError); "
+             "mpopt accumulates in any dtype at any stage (sum the micro-batch grads into a " +
+             dtype_name(p.grad_accum) + " buffer, mpopt/grad_accumulation.hpp)");
+  }
+  if (n == "muon" && (stage == 0 || (stage == 1 && c.bf16 && p.grad_accum == dtype::fp32 &&
+                                     c.zero.offload_optimizer.device == "none")))
+    r.warn(std::string("optimizer.type: \"") + c.optimizer.type + "\" at zero_optimization.stage " +
+           std::to_string(stage) + (stage == 1 ? " with bf16 and data_types.grad_accum_dtype fp32" : "") +
+           ": DeepSpeed applies the Muon update only inside its ZeRO optimizer (not " +
+           (stage == 1 ? "BF16_Optimizer, which it picks here" : "without ZeRO") +
+           "), so its MuonWithAuxAdam steps the matrices with their raw gradients (no momentum, no Newton-Schulz). "
+           "mpopt runs Muon; use zero_optimization.stage 2 to compare with DeepSpeed");
   if ((n == "lamb" || n == "onebitlamb") && c.scaler.loss_scale != 0)
     r.error("fp16.loss_scale: optimizer \"" + c.optimizer.type + "\" requires dynamic loss scaling; set " +
             "fp16.loss_scale to 0, got " + show(double(c.scaler.loss_scale)));
@@ -869,11 +969,7 @@ inline parse_result parse_config(const nlohmann::json& j) {
         continue;
       }
       if (std::string(key) == "grad_accum_dtype") {
-        p.grad_accum = d;
-        if (c.zero.stage == 0 && d != model)
-          r.error(std::string("data_types.grad_accum_dtype: \"") + name + "\" differs from the model dtype " +
-                  dtype_name(model) + "; without ZeRO DeepSpeed accumulates in the model dtype. Remove it, or use " +
-                  "ZeRO stage 1-3");
+        p.grad_accum = d;  // checked against the optimizer in check_rules
       } else if (std::string(key) == "param_dtype" && d != model) {
         r.error(std::string("data_types.param_dtype: \"") + name + "\" conflicts with the model dtype " +
                 dtype_name(model) + " set by fp16/bf16.enabled; remove it or make it " + dtype_name(model));
@@ -919,6 +1015,18 @@ inline parse_result parse_config(const nlohmann::json& j) {
     else if (o.name == "onebitlamb")
       s = onebit_lamb::validate(o.onebit_lamb_args);
     if (is_one_bit_optimizer(o.name) && !s.ok()) r.error(detail::param_error(rule_name(o.name), s.message, o.params));
+    if (o.name == "muon") {  // each kind of group's lr comes from muon_lr / adam_lr when given, else from lr
+      const status sm = muon::validate(o.muon_args);
+      const status sa = adamw::validate(o.muon_aux_args);
+      const std::string em = sm.ok() ? ""
+                                     : detail::param_error(muon::name, sm.message, o.params,
+                                                           o.params.contains("muon_lr") ? "muon_lr" : "lr");
+      const std::string ea = sa.ok() ? ""
+                                     : detail::param_error(adam::name, sa.message, o.params,
+                                                           o.params.contains("adam_lr") ? "adam_lr" : "lr");
+      if (!em.empty()) r.error(em);
+      if (!ea.empty() && ea != em) r.error(ea);  // a shared key (lr, weight_decay) once
+    }
     const onebit_lamb::args& l = o.onebit_lamb_args;
     const double window = 1.0 / (1.0 - l.coeff_beta);  // the EMA's horizon, in steps
     if (o.name == "onebitlamb" && s.ok() && window > double(l.freeze_step) * (1.0 + 1e-12))
@@ -947,6 +1055,12 @@ inline nlohmann::json to_json(const config& c) {
                     {"grad", dtype_name(p.grad)},
                     {"state", dtype_name(p.state)},
                     {"grad_accum", dtype_name(p.grad_accum)}};
+  // The two grad dtypes side by side: backward's, and the buffer the micro-batches are summed into, which is the
+  // grad<> of the optimizer's precision policy.
+  j["grad_accumulation"] = {{"micro_batch_grad", dtype_name(p.grad)},
+                            {"accum", dtype_name(p.grad_accum)},
+                            {"optimizer_grad", dtype_name(optimizer_grad_dtype(p))},
+                            {"separate_buffer", p.grad_accum != p.grad}};
   j["modes"] = {{"fp16", c.fp16},
                 {"bf16", c.bf16},
                 {"fp16_auto_cast", c.fp16_auto_cast},
@@ -1046,8 +1160,24 @@ inline nlohmann::json to_json(const config& c) {
     opt.update({{"comm_backend_name", o.comm_backend_name},
                 {"cuda_aware", o.cuda_aware},
                 {"accept_unverified_precision", o.accept_unverified_precision}});
-  } else if (!o.name.empty()) {
-    opt["params"] = o.params;  // no rule in this build yet: as written
+  } else if (o.name == "muon") {
+    const muon::args& m = o.muon_args;
+    const adamw::args& a = o.muon_aux_args;
+    opt["muon"] = {{"lr", m.lr},
+                   {"momentum", m.momentum},
+                   {"weight_decay", m.weight_decay},
+                   {"nesterov", m.nesterov},
+                   {"ns_method", o.ns_method},
+                   {"ns_iteration", "standard"},  // what mpopt runs for either ns_method
+                   {"ns_steps", m.ns_steps},
+                   {"ns_coefficients", {m.ns_coefficients.a, m.ns_coefficients.b, m.ns_coefficients.c}},
+                   {"eps", m.eps},
+                   {"adjust_lr", to_string(m.adjust_lr)}};
+    opt["aux_adamw"] = {{"lr", a.lr},
+                        {"betas", {a.beta1, a.beta2}},
+                        {"eps", a.eps},
+                        {"weight_decay", a.weight_decay},
+                        {"bias_correction", a.bias_correction}};
   }
   j["optimizer"] = opt;
   j["gradient_clipping"] = c.gradient_clipping;

@@ -33,6 +33,21 @@
 //       opt_t opt({g}, scaler_args<scaler_of_t<opt_t>>(cfg), step_options_of(cfg));
 //     }
 //   });
+//
+// Muon (optimizer.type "Muon") is in default_muon_rules: put mpopt::muon (fp32 Newton-Schulz GEMMs) or
+// muon_rule<muon_gemm<bf16_t>> in Rules and f is called with type_tag<mpopt::muon_optimizer<Prec, Scaler, Gemm>>
+// (is_muon_optimizer_v). Which params are matrices (DeepSpeed's use_muon) is the caller's choice:
+//
+//   if constexpr (mpopt::deepspeed::is_muon_optimizer_v<opt_t>) {
+//     typename opt_t::matrix_group_type m{params, grads, shapes, muon_args_of(cfg)};
+//     typename opt_t::aux_group_type a;  // + buffers of the other params
+//     a.hparams = muon_aux_args_of(cfg);
+//     opt_t opt({m}, {a}, comm, zero_options_of(cfg), scaler_args<scaler_of_t<opt_t>>(cfg), step_options_of(cfg));
+//   }
+//
+// The precision's grad role is precision.grad_accum (data_types.grad_accum_dtype): the optimizer reads the buffer the
+// caller accumulates the micro-batch grads in (mpopt/grad_accumulation.hpp), e.g. a bf16 model with fp32
+// accumulation gets mpopt::precision<param<bf16_t>, master<float>, grad<float>, state<float>>.
 #pragma once
 
 #include <string>
@@ -40,6 +55,7 @@
 #include <type_traits>
 
 #include "../error.hpp"
+#include "../muon.hpp"
 #include "../onebit/optimizer.hpp"
 #include "../optimizer.hpp"
 #include "../policy/supported.hpp"
@@ -60,6 +76,33 @@ using default_rules = std::tuple<adam, adamw, sgd, adagrad, lamb, lion>;
 using default_onebit_rules = std::tuple<onebit_adam, zero_one_adam, onebit_lamb>;
 using default_scalers = std::tuple<no_scaler, static_scaler, dynamic_scaler>;
 
+// In Rules: optimizer.type "Muon" dispatches to mpopt::muon_optimizer<Prec, Scaler, Gemm>. mpopt::muon itself stands
+// for muon_rule<muon_gemm<float>>; give muon_rule<muon_gemm<bf16_t>> for bf16 GEMMs (DeepSpeed's GPU precision).
+template <class Gemm>
+struct muon_rule {
+  static constexpr const char* name = muon::name;
+  using gemm_type = Gemm;
+};
+// Muon, dispatched to mpopt::muon_optimizer with fp32 GEMMs; not in default_rules, as the 1-bit rules are not.
+using default_muon_rules = std::tuple<muon>;
+
+template <class Rule>
+struct is_muon_rule : std::is_same<Rule, muon> {};
+template <class Gemm>
+struct is_muon_rule<muon_rule<Gemm>> : std::true_type {};
+template <class Rule>
+inline constexpr bool is_muon_rule_v = is_muon_rule<Rule>::value;
+
+// The Gemm of muon_optimizer for a Muon rule of Rules.
+template <class Rule>
+struct muon_gemm_of {
+  using type = muon_gemm<float>;
+};
+template <class Gemm>
+struct muon_gemm_of<muon_rule<Gemm>> {
+  using type = Gemm;
+};
+
 template <class Rule>
 struct is_onebit_rule : std::bool_constant<std::is_same_v<Rule, onebit_adam> || std::is_same_v<Rule, zero_one_adam> ||
                                            std::is_same_v<Rule, onebit_lamb>> {};
@@ -73,6 +116,14 @@ template <class Rule, class Prec, class Scaler>
 struct is_onebit_optimizer<onebit::optimizer<Rule, Prec, Scaler>> : std::true_type {};
 template <class Opt>
 inline constexpr bool is_onebit_optimizer_v = is_onebit_optimizer<Opt>::value;
+
+// Whether a type dispatch() passes is an mpopt::muon_optimizer (matrix groups and aux AdamW groups).
+template <class Opt>
+struct is_muon_optimizer : std::false_type {};
+template <class Prec, class Scaler, class Gemm>
+struct is_muon_optimizer<muon_optimizer<Prec, Scaler, Gemm>> : std::true_type {};
+template <class Opt>
+inline constexpr bool is_muon_optimizer_v = is_muon_optimizer<Opt>::value;
 
 // The Scaler of a type dispatch() passes (mpopt::optimizer::scaler_type; onebit::optimizer has no such alias), for
 // scaler_args<scaler_of_t<opt_t>>(cfg) in a callback that handles both.
@@ -118,6 +169,8 @@ typename Rule::args rule_args(const config& c) {
     return o.zero_one_adam_args;
   } else if constexpr (std::is_same_v<Rule, onebit_lamb>) {
     return o.onebit_lamb_args;
+  } else if constexpr (std::is_same_v<Rule, muon>) {
+    return o.muon_args;  // the matrices'; muon_aux_args_of() has the other params'
   } else {
     static_assert(std::is_same_v<Rule, lion>, "mpopt::deepspeed::rule_args: no DeepSpeed mapping for this rule");
     return o.lion_args;
@@ -158,6 +211,15 @@ inline onebit::options onebit_options_of(const config& c) {
   return o;
 }
 
+// For mpopt::muon_optimizer: the matrix groups' hyper-parameters (DeepSpeed's use_muon params: lr from muon_lr, else
+// lr), and the aux AdamW groups' (the other params: lr from adam_lr, else lr).
+inline muon::args muon_args_of(const config& c) {
+  return rule_args<muon>(c);
+}
+inline adamw::args muon_aux_args_of(const config& c) {
+  return c.optimizer.muon_aux_args;
+}
+
 inline zero_options zero_options_of(const config& c) {
   zero_options z;
   z.stage = c.zero.stage;
@@ -174,14 +236,19 @@ inline status availability(const config& c) {
     return unsupported(
         "optimizer: the config has no optimizer section (DeepSpeed would use the client optimizer); "
         "pick the rule in code, or add \"optimizer\": {\"type\": ...}");
-  if (o.name == "muon") return unsupported("optimizer.type \"" + o.type + "\": not available in this build yet");
+  if (c.zero.offload_optimizer.device == "cpu")
+    return unsupported(
+        "zero_optimization.offload_optimizer.device \"cpu\": dispatch() hands out host optimizers only; for CPU "
+        "offload construct mpopt::cuda::offload_optimizer<Rule, Prec, Scaler> (mpopt/cuda/offload.cuh) with the "
+        "rule, policy and scaler this config selects, or remove offload_optimizer");
   if (c.zero.offload_optimizer.device != "none")
     return unsupported("zero_optimization.offload_optimizer.device \"" + c.zero.offload_optimizer.device +
-                       "\": optimizer offload is not available in this build yet");
-  if (c.precision.grad_accum != c.precision.grad)
-    return unsupported(std::string("data_types.grad_accum_dtype ") + dtype_name(c.precision.grad_accum) +
-                       " differs from the grad dtype " + dtype_name(c.precision.grad) +
-                       ": separate gradient-accumulation buffers are not available in this build yet");
+                       "\": offload to this device is not available in this build");
+  // DeepSpeed runs Muon at stage 3; mpopt::muon_optimizer refuses it (Newton-Schulz needs whole matrices).
+  if (o.name == "muon" && c.zero.stage == 3)
+    return unsupported("zero_optimization.stage 3 with optimizer.type \"" + o.type +
+                       "\": mpopt::muon_optimizer keeps whole matrices and runs ZeRO stages 0-2 only; use "
+                       "zero_optimization.stage 2");
   return status::success();
 }
 
@@ -197,9 +264,10 @@ inline const char* cpp_type_name(dtype d) {
   return "?";
 }
 
+// The optimizer's policy: its grad role is the accumulation dtype.
 inline std::string precision_name(const precision_config& p) {
   return std::string("mpopt::precision<mpopt::param<") + cpp_type_name(p.param) + ">, mpopt::master<" +
-         cpp_type_name(p.master) + ">, mpopt::grad<" + cpp_type_name(p.grad) + ">, mpopt::state<" +
+         cpp_type_name(p.master) + ">, mpopt::grad<" + cpp_type_name(optimizer_grad_dtype(p)) + ">, mpopt::state<" +
          cpp_type_name(p.state) + ">>";
 }
 
@@ -229,9 +297,10 @@ void for_each_type(G&& g) {
 }
 
 // Whether a valid 1-bit config can select onebit::optimizer<Rule, Prec, Scaler>: ZeRO stage 0 rules out a 16-bit
-// master, bf16 states and a separate grad_accum dtype, so params and grads are fp32, fp16 or bf16 with an fp32 master
-// and fp32 states; fp16 has a loss scaler (OneBitLamb: dynamic only), the others none. dispatch() instantiates only
-// these (and onebit::optimizer's own static_asserts, fp32 compute and round-to-nearest, hold for them).
+// master and bf16 states, and the importer a separate grad_accum dtype, so params and grads are fp32, fp16 or bf16
+// with an fp32 master and fp32 states; fp16 has a loss scaler (OneBitLamb: dynamic only), the others none. dispatch()
+// instantiates only these (and onebit::optimizer's own static_asserts, fp32 compute and round-to-nearest, hold for
+// them).
 template <class Rule, class Prec, class Scaler>
 constexpr bool onebit_selectable() {
   using P = typename Prec::param_t;
@@ -249,23 +318,36 @@ constexpr bool onebit_selectable() {
   }
 }
 
+template <class Rules>
+constexpr int count_muon_rules() {
+  return std::apply([](auto... r) { return (0 + ... + int(is_muon_rule_v<decltype(r)>)); }, Rules{});
+}
+
 }  // namespace detail
 
-// The optimizer type the config selects, as C++ (whether or not it is compiled in).
+// The optimizer type the config selects, as C++ (whether or not it is compiled in). Muon: with fp32 GEMMs
+// (mpopt::muon in Rules).
 inline std::string optimizer_type_name(const config& c) {
+  const std::string prec = detail::precision_name(c.precision);
+  const std::string scaler = detail::scaler_type_name(c.scaler.kind);
+  if (c.optimizer.name == "muon") return "mpopt::muon_optimizer<" + prec + ", " + scaler + ", mpopt::muon_gemm<float>>";
   const char* opt = is_one_bit_optimizer(c.optimizer.name) ? "mpopt::onebit::optimizer" : "mpopt::optimizer";
-  return std::string(opt) + "<mpopt::" + rule_name(c.optimizer.name) + ", " + detail::precision_name(c.precision) +
-         ", " + detail::scaler_type_name(c.scaler.kind) + ">";
+  return std::string(opt) + "<mpopt::" + rule_name(c.optimizer.name) + ", " + prec + ", " + scaler + ">";
 }
 
 // Calls f(type_tag<mpopt::optimizer<Rule, Prec, Scaler>>{}) once for the combination `c` selects, Rule from
-// Rules, Prec from Precisions, Scaler from Scalers (std::tuples); for a 1-bit rule (is_onebit_rule_v) the type is
-// mpopt::onebit::optimizer<Rule, Prec, Scaler>, instantiated only for the combinations a valid 1-bit config selects
-// (detail::onebit_selectable). Returns errc::unsupported, calling nothing, when the combination is not in those lists
-// or not available in this build (availability()); the message names it.
+// Rules, Prec from Precisions, Scaler from Scalers (std::tuples). Prec's grad role is precision.grad_accum. For a
+// 1-bit rule (is_onebit_rule_v) the type is mpopt::onebit::optimizer<Rule, Prec, Scaler>, instantiated only for the
+// combinations a valid 1-bit config selects (detail::onebit_selectable); for a Muon rule (is_muon_rule_v) it is
+// mpopt::muon_optimizer<Prec, Scaler, Gemm>, instantiated for fp32-compute policies. Returns errc::unsupported,
+// calling nothing, when the combination is not in those lists or not available in this build (availability()); the
+// message names it.
 template <class Precisions = supported_precisions, class Rules = default_rules, class Scalers = default_scalers,
           class F>
 status dispatch(const config& c, F&& f) {
+  static_assert(detail::count_muon_rules<Rules>() <= 1,
+                "mpopt::deepspeed::dispatch: Rules holds more than one Muon rule; keep one of mpopt::muon and "
+                "mpopt::deepspeed::muon_rule<...>");
   const status a = availability(c);
   if (!a.ok()) return a;
   const std::string missing = " is not in the compiled set of mpopt::deepspeed::dispatch's ";
@@ -277,13 +359,16 @@ status dispatch(const config& c, F&& f) {
                       "Rules; add it there" +
                       (onebit ? " (mpopt::deepspeed::default_onebit_rules has the 1-bit rules; they dispatch to "
                                 "mpopt::onebit::optimizer)"
-                              : "")};
+                       : rule == muon::name
+                           ? " (mpopt::deepspeed::default_muon_rules has it; it dispatches to mpopt::muon_optimizer)"
+                           : "")};
   if (!detail::has_scaler<Scalers>(c.scaler.kind))
     return status{errc::unsupported,
                   std::string(detail::scaler_type_name(c.scaler.kind)) + missing + "Scalers; add it there"};
   const precision_config& p = c.precision;
   bool called = false;
-  const bool found = dispatch_precision<Precisions>(p.param, p.master, p.grad, p.state, [&](auto prec) {
+  const dtype grad_role = optimizer_grad_dtype(p);  // the policy reads the accumulation buffer
+  const bool found = dispatch_precision<Precisions>(p.param, p.master, grad_role, p.state, [&](auto prec) {
     using Prec = std::decay_t<decltype(prec)>;  // decay: GCC 12 reads these as references in nested lambdas
     detail::for_each_type<Rules>([&](auto r) {
       using Rule = std::decay_t<decltype(r)>;
@@ -291,7 +376,12 @@ status dispatch(const config& c, F&& f) {
       detail::for_each_type<Scalers>([&](auto s) {
         using Scaler = std::decay_t<decltype(s)>;
         if (scaler_kind_of<Scaler>::value != c.scaler.kind) return;
-        if constexpr (!is_onebit_rule_v<Rule>) {
+        if constexpr (is_muon_rule_v<Rule>) {
+          if constexpr (std::is_same_v<typename Prec::compute_t, float>) {  // muon_optimizer's requirement
+            called = true;
+            f(type_tag<muon_optimizer<Prec, Scaler, typename muon_gemm_of<Rule>::type>>{});
+          }
+        } else if constexpr (!is_onebit_rule_v<Rule>) {
           called = true;
           f(type_tag<optimizer<Rule, Prec, Scaler>>{});
         } else if constexpr (detail::onebit_selectable<Rule, Prec, Scaler>()) {
@@ -305,9 +395,11 @@ status dispatch(const config& c, F&& f) {
   if (!called)  // a hand-made config: parse_config never gives one
     return status{errc::unsupported,
                   optimizer_type_name(c) +
-                      ": not a combination a valid 1-bit config selects (fp16 params and grads with a loss scaler, "
-                      "dynamic for OneBitLamb, or fp32 / bf16 ones without; an fp32 master and fp32 states), so "
-                      "dispatch() does not instantiate it; construct it directly"};
+                      (rule == muon::name
+                           ? ": mpopt::muon_optimizer needs an fp32-compute precision policy"
+                           : ": not a combination a valid 1-bit config selects (fp16 params and grads with a loss "
+                             "scaler, dynamic for OneBitLamb, or fp32 / bf16 ones without; an fp32 master and fp32 "
+                             "states), so dispatch() does not instantiate it; construct it directly")};
   return status::success();
 }
 

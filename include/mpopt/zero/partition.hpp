@@ -50,9 +50,14 @@ struct partition {
   // How many elements of [r.begin, r.end) each rank owns, in rank order: the counts of a reduce-scatter or
   // all-gather over that range.
   std::vector<std::size_t> counts(range r) const {
-    std::vector<std::size_t> c(static_cast<std::size_t>(world));
-    for (int q = 0; q < world; ++q) c[std::size_t(q)] = intersect(r, owned(q)).size();
+    std::vector<std::size_t> c;
+    counts(r, c);
     return c;
+  }
+  // The same into `out` (resized to world): no allocation once it has the capacity, for a step's hot path.
+  void counts(range r, std::vector<std::size_t>& out) const {
+    out.resize(static_cast<std::size_t>(world));
+    for (int q = 0; q < world; ++q) out[std::size_t(q)] = intersect(r, owned(q)).size();
   }
   std::vector<std::size_t> counts() const { return counts({0, size}); }
 };
