@@ -463,32 +463,33 @@ void save(Opt& opt, const std::string& dir, const save_options& options = {}) {
   const char* what = "checkpoint save";
   const std::string save_id = detail::begin_save(c, dir, what);
   status st;
-  const meta_map meta = detail::save_metadata(describe(opt), save_id, options);
-
-  // This rank's file.
-  using Rule = typename Opt::rule_type;
-  meta_map file_meta = meta;
-  file_meta["rank"] = std::to_string(rank);
-  std::vector<tensor_entry> entries;
-  std::vector<zero::range> ranges;
-  for (std::size_t g = 0; g < opt.num_groups(); ++g) {
-    const zero::range r = detail::saved_range(opt.layout(g).size, world, rank);
-    const zero::range local = opt.local_range(g);
-    if (!r.empty() && !(local.begin <= r.begin && r.end <= local.end))
-      throw error(status::invalid("checkpoint save: rank " + std::to_string(rank) + " does not hold group " +
-                                  std::to_string(g) + "'s saved range"));  // unreachable with ZeRO's partition
-    ranges.push_back(r);
-    file_meta["group." + std::to_string(g) + ".range"] = std::to_string(r.begin) + "," + std::to_string(r.end);
-    const std::size_t off = r.empty() ? 0 : r.begin - local.begin;
-    entries.push_back(tensor_of(master_tensor(g), r.size(), opt.master(g) + off));
-    if constexpr (std::is_same_v<typename Opt::precision_type::master_rounding, kahan_summation>)
-      entries.push_back(tensor_of(compensation_tensor(g), r.size(), opt.compensation(g) + off));
-    for (int j = 0; j < opt.num_states(g); ++j)
-      entries.push_back(tensor_of(state_tensor(g, Rule::state_names[j]), r.size(), opt.state(g, j) + off));
-  }
+  meta_map meta;
   std::uint64_t bytes = 0;
   std::uint32_t crc = 0;
-  st = write_file(dir + "/" + rank_file_name(rank, world), entries, file_meta, &bytes, &crc);
+  // Any throw on this rank (bad_alloc) becomes a failure every rank learns of in agree(), instead of a hang.
+  st = detail::status_of([&] {
+    meta = detail::save_metadata(describe(opt), save_id, options);
+    // This rank's file.
+    using Rule = typename Opt::rule_type;
+    meta_map file_meta = meta;
+    file_meta["rank"] = std::to_string(rank);
+    std::vector<tensor_entry> entries;
+    for (std::size_t g = 0; g < opt.num_groups(); ++g) {
+      const zero::range r = detail::saved_range(opt.layout(g).size, world, rank);
+      const zero::range local = opt.local_range(g);
+      if (!r.empty() && !(local.begin <= r.begin && r.end <= local.end))
+        return status::invalid("checkpoint save: rank " + std::to_string(rank) + " does not hold group " +
+                               std::to_string(g) + "'s saved range");  // unreachable with ZeRO's partition
+      file_meta["group." + std::to_string(g) + ".range"] = std::to_string(r.begin) + "," + std::to_string(r.end);
+      const std::size_t off = r.empty() ? 0 : r.begin - local.begin;
+      entries.push_back(tensor_of(master_tensor(g), r.size(), opt.master(g) + off));
+      if constexpr (std::is_same_v<typename Opt::precision_type::master_rounding, kahan_summation>)
+        entries.push_back(tensor_of(compensation_tensor(g), r.size(), opt.compensation(g) + off));
+      for (int j = 0; j < opt.num_states(g); ++j)
+        entries.push_back(tensor_of(state_tensor(g, Rule::state_names[j]), r.size(), opt.state(g, j) + off));
+    }
+    return write_file(dir + "/" + rank_file_name(rank, world), entries, file_meta, &bytes, &crc);
+  });
   detail::agree(c, st, what);
 
   // Sizes and checksums to rank 0, which writes the index last.
