@@ -197,6 +197,28 @@ class optimizer {
     return n;
   }
 
+  // Checkpoint restore (checkpoint/cuda.cuh): writes the step counter on `stream` and waits for it.
+  void set_step_count(std::int64_t step, cudaStream_t stream = nullptr) {
+    if (step < 0) throw error(status::invalid("set_step_count: step must be >= 0, got " + std::to_string(step)));
+    store_value_kernel<std::int64_t><<<1, 1, 0, stream>>>(field<std::int64_t>(offsetof(step_core, step)), step);
+    throw_if_cuda_error(cudaGetLastError(), "set_step_count: launch of the store kernel");
+    throw_if_cuda_error(cudaStreamSynchronize(stream), "cudaStreamSynchronize (set_step_count)");
+  }
+
+  // Group g as constructed: its element count, tensor sizes (empty: one tensor) and the device params.
+  std::size_t size(std::size_t g) const {
+    check_group_index(g);
+    return groups_[g].spec.size;
+  }
+  const std::vector<std::size_t>& tensor_sizes(std::size_t g) const {
+    check_group_index(g);
+    return groups_[g].spec.tensor_sizes;
+  }
+  param_t* params(std::size_t g) const {
+    check_group_index(g);
+    return groups_[g].spec.params;
+  }
+
   // Device pointers. The master of group g is the param buffer itself when the policy has no separate master.
   master_t* master(std::size_t g) const {
     check_group_index(g);
