@@ -12,21 +12,17 @@
 
 #include "error.hpp"
 #include "host/aligned_buffer.hpp"
+#include "host/executor.hpp"
 #include "numeric/accumulate.hpp"
 #include "numeric/traits.hpp"
 
 namespace mpopt {
 
 namespace detail {
-// Below this many elements a parallel region costs more than it saves (as host::parallel_threshold).
-inline constexpr std::ptrdiff_t accumulate_parallel_threshold = 1 << 15;
-}  // namespace detail
-
-namespace detail {
 template <bool First, class Accum, class G>
 void accumulate_loop(Accum* acc, const G* micro, std::ptrdiff_t count) {
 #if defined(_OPENMP)
-#pragma omp parallel for simd schedule(static) if (count > accumulate_parallel_threshold)
+#pragma omp parallel for simd schedule(static) if (count > host::parallel_threshold)
 #endif
   for (std::ptrdiff_t i = 0; i < count; ++i) {
     if constexpr (First) {

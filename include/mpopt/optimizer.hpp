@@ -502,16 +502,12 @@ class optimizer {
         nonfinite = nonfinite || !std::isfinite(s);
       }
     }
-    detail::step_plan plan =
-        detail::plan_step<Scaler>(scaler_state_, scaler_args_, options_, need_stats, sum_sq, nonfinite, step_);
-    if (plan.result.applied) {
-      ++step_;
-      for (std::size_t g = 0; g < groups_.size(); ++g)
-        update_group(groups_[g], grads[g], compute_t(plan.factor.factor));
+    const step_result r = plan_and_apply(need_stats, sum_sq, nonfinite, [&](compute_t factor) {
+      for (std::size_t g = 0; g < groups_.size(); ++g) update_group(groups_[g], grads[g], factor);
       for (group& grp : groups_) publish_params(grp);
-    }
+    });
     for (group& grp : groups_) consume_grads(grp);  // applied or skipped, this step's grads are spent
-    return plan.result;
+    return r;
   }
 
   // step() in pieces, for a caller that moves grads in and params out while the step runs (CPU offload,
@@ -553,11 +549,7 @@ class optimizer {
         nonfinite = nonfinite || !std::isfinite(s);
       }
     }
-    detail::step_plan plan =
-        detail::plan_step<Scaler>(scaler_state_, scaler_args_, options_, need_stats, sum_sq, nonfinite, step_);
-    if (plan.result.applied) {
-      ++step_;
-      const compute_t factor = compute_t(plan.factor.factor);
+    return plan_and_apply(need_stats, sum_sq, nonfinite, [&](compute_t factor) {
       for (std::size_t g = 0; g < groups_.size(); ++g) {
         group& grp = groups_[g];
         if constexpr (Rule::per_tensor) {
@@ -572,8 +564,7 @@ class optimizer {
           });
         }
       }
-    }
-    return plan.result;
+    });
   }
 
  private:
@@ -627,6 +618,19 @@ class optimizer {
   }
 
   bool sharded() const noexcept { return zero_.stage >= 1 && world_ > 1; }
+
+  // The scaler's decision on this step's grad statistics; when it applies the step, the step counter advances and
+  // apply(factor) runs the update with the combined unscale + clip factor.
+  template <class Apply>
+  step_result plan_and_apply(bool need_stats, double sum_sq, bool nonfinite, Apply&& apply) {
+    const detail::step_plan plan =
+        detail::plan_step<Scaler>(scaler_state_, scaler_args_, options_, need_stats, sum_sq, nonfinite, step_);
+    if (plan.result.applied) {
+      ++step_;
+      apply(compute_t(plan.factor.factor));
+    }
+    return plan.result;
+  }
 
   void check_group_index(std::size_t g) const {
     if (g >= groups_.size())

@@ -14,26 +14,40 @@
 
 namespace mpopt::cuda {
 
-template <class T>
-class device_buffer {
-  static_assert(std::is_trivially_copyable_v<T>, "device_buffer holds trivially copyable elements only");
+// Where a buffer lives: how it is allocated and freed, and the call named in an allocation error.
+struct device_space {
+  static constexpr const char* allocator = "cudaMalloc";
+  static cudaError_t allocate(void** p, std::size_t bytes) { return cudaMalloc(p, bytes); }
+  // cudaFree fails only when the context is already gone.
+  static void release(void* p) noexcept { (void)cudaFree(p); }
+};
+struct pinned_space {  // page-locked host memory: device copies from and to it run asynchronously at full bus speed
+  static constexpr const char* allocator = "cudaHostAlloc";
+  static cudaError_t allocate(void** p, std::size_t bytes) { return cudaHostAlloc(p, bytes, cudaHostAllocDefault); }
+  static void release(void* p) noexcept { (void)cudaFreeHost(p); }  // waits for copies still using it
+};
+
+// An owning allocation of n elements in Space (none when n == 0).
+template <class T, class Space>
+class owning_buffer {
+  static_assert(std::is_trivially_copyable_v<T>, "mpopt::cuda buffers hold trivially copyable elements only");
 
  public:
-  device_buffer() = default;
+  owning_buffer() = default;
   // Throws mpopt::error naming `what` and the byte count when the allocation fails. cudaMalloc aligns to at least
-  // 256 bytes, so every buffer suits 16-byte vector access.
-  device_buffer(std::size_t n, const std::string& what) : size_(n) {
+  // 256 bytes, so every device buffer suits 16-byte vector access.
+  owning_buffer(std::size_t n, const std::string& what) : size_(n) {
     if (n == 0) return;
     void* p = nullptr;
-    throw_if_cuda_error(cudaMalloc(&p, n * sizeof(T)),
-                        "cudaMalloc(" + what + ", " + std::to_string(n * sizeof(T)) + " bytes)");
+    throw_if_cuda_error(Space::allocate(&p, n * sizeof(T)),
+                        std::string(Space::allocator) + "(" + what + ", " + std::to_string(n * sizeof(T)) + " bytes)");
     data_ = static_cast<T*>(p);
   }
-  device_buffer(const device_buffer&) = delete;
-  device_buffer& operator=(const device_buffer&) = delete;
-  device_buffer(device_buffer&& o) noexcept
+  owning_buffer(const owning_buffer&) = delete;
+  owning_buffer& operator=(const owning_buffer&) = delete;
+  owning_buffer(owning_buffer&& o) noexcept
       : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
-  device_buffer& operator=(device_buffer&& o) noexcept {
+  owning_buffer& operator=(owning_buffer&& o) noexcept {
     if (this != &o) {
       release();
       data_ = std::exchange(o.data_, nullptr);
@@ -41,7 +55,7 @@ class device_buffer {
     }
     return *this;
   }
-  ~device_buffer() { release(); }
+  ~owning_buffer() { release(); }  // a destructor cannot report a failed free
 
   T* get() const noexcept { return data_; }
   std::size_t size() const noexcept { return size_; }
@@ -49,8 +63,7 @@ class device_buffer {
 
  private:
   void release() noexcept {
-    // A destructor cannot report; cudaFree fails only when the context is already gone.
-    if (data_ != nullptr) (void)cudaFree(data_);
+    if (data_ != nullptr) Space::release(data_);
     data_ = nullptr;
     size_ = 0;
   }
@@ -59,49 +72,10 @@ class device_buffer {
   std::size_t size_ = 0;
 };
 
-// pinned_buffer<T>: an owning cudaHostAlloc allocation of n elements (page-locked host memory, so device copies
-// from and to it run asynchronously at full bus speed); none when n == 0.
 template <class T>
-class pinned_buffer {
-  static_assert(std::is_trivially_copyable_v<T>, "pinned_buffer holds trivially copyable elements only");
-
- public:
-  pinned_buffer() = default;
-  pinned_buffer(std::size_t n, const std::string& what) : size_(n) {
-    if (n == 0) return;
-    void* p = nullptr;
-    throw_if_cuda_error(cudaHostAlloc(&p, n * sizeof(T), cudaHostAllocDefault),
-                        "cudaHostAlloc(" + what + ", " + std::to_string(n * sizeof(T)) + " bytes)");
-    data_ = static_cast<T*>(p);
-  }
-  pinned_buffer(const pinned_buffer&) = delete;
-  pinned_buffer& operator=(const pinned_buffer&) = delete;
-  pinned_buffer(pinned_buffer&& o) noexcept
-      : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
-  pinned_buffer& operator=(pinned_buffer&& o) noexcept {
-    if (this != &o) {
-      release();
-      data_ = std::exchange(o.data_, nullptr);
-      size_ = std::exchange(o.size_, 0);
-    }
-    return *this;
-  }
-  ~pinned_buffer() { release(); }
-
-  T* get() const noexcept { return data_; }
-  std::size_t size() const noexcept { return size_; }
-  std::size_t bytes() const noexcept { return size_ * sizeof(T); }
-
- private:
-  void release() noexcept {
-    if (data_ != nullptr) (void)cudaFreeHost(data_);  // waits for copies still using it
-    data_ = nullptr;
-    size_ = 0;
-  }
-
-  T* data_ = nullptr;
-  std::size_t size_ = 0;
-};
+using device_buffer = owning_buffer<T, device_space>;
+template <class T>
+using pinned_buffer = owning_buffer<T, pinned_space>;
 
 namespace detail {
 

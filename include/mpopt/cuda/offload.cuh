@@ -114,11 +114,7 @@ class offload_optimizer {
   // One step over the grads `stream` has written. Blocks the calling thread for the host update; `stream` then
   // waits for the uploaded params, so the next forward enqueued on it sees them.
   step_result step(cudaStream_t stream) {
-    status failure = status::success();
-    auto fail = [&](cudaError_t e, const std::string& what) {
-      if (e != cudaSuccess && failure.ok()) failure = to_status(e, what);
-      return e == cudaSuccess;
-    };
+    first_failure fail;
     // Every download is enqueued first: the copy engine runs ahead of the host.
     bool enqueued = fail(cudaEventRecord(backward_done_, stream), "step: cudaEventRecord(backward done)") &&
                     fail(cudaStreamWaitEvent(d2h_, backward_done_, 0), "step: cudaStreamWaitEvent(d2h)");
@@ -131,7 +127,7 @@ class offload_optimizer {
                    fail(cudaEventRecord(grads_in_[k], d2h_), "step: cudaEventRecord(grads in)");
       }
     }
-    if (!enqueued) return failed(failure);
+    if (!enqueued) return failed(fail.first);
     struct download_failed {};
     bool uploads_ok = true;
     step_result result;
@@ -147,32 +143,26 @@ class offload_optimizer {
             if (uploads_ok) uploads_ok = upload(g, zero::range{begin, end}, fail);
           });
     } catch (const download_failed&) {
-      return failed(failure);
+      return failed(fail.first);
     }
-    if (fail(cudaEventRecord(params_out_, h2d_), "step: cudaEventRecord(params out)"))
-      fail(cudaStreamWaitEvent(stream, params_out_, 0), "step: cudaStreamWaitEvent(caller's stream)");
-    if (!failure.ok())
-      result.error = status{failure.code, failure.message +
-                                              " (the host step was applied; the device params are "
-                                              "stale until upload_params() succeeds)"};
+    hand_params_to(stream, fail, "step");
+    if (!fail.first.ok())
+      result.error = status{fail.first.code, fail.first.message +
+                                                 " (the host step was applied; the device params are "
+                                                 "stale until upload_params() succeeds)"};
     return result;
   }
 
   // Copies every param from the host copy to the device (after checkpoint::load(host(), ...), or a failed upload);
   // `stream` waits for the copies. Throws mpopt::error on a CUDA failure.
   void upload_params(cudaStream_t stream) {
-    status failure = status::success();
-    auto fail = [&](cudaError_t e, const std::string& what) {
-      if (e != cudaSuccess && failure.ok()) failure = to_status(e, what);
-      return e == cudaSuccess;
-    };
+    first_failure fail;
     // The h2d stream first waits for whatever `stream` did with the params.
     bool ok = fail(cudaEventRecord(backward_done_, stream), "upload_params: cudaEventRecord") &&
               fail(cudaStreamWaitEvent(h2d_, backward_done_, 0), "upload_params: cudaStreamWaitEvent(h2d)");
     for (std::size_t g = 0; g < devices_.size() && ok; ++g) ok = upload(g, zero::range{0, devices_[g].size}, fail);
-    if (ok && fail(cudaEventRecord(params_out_, h2d_), "upload_params: cudaEventRecord(params out)"))
-      fail(cudaStreamWaitEvent(stream, params_out_, 0), "upload_params: cudaStreamWaitEvent(caller's stream)");
-    throw_if_error(failure);
+    if (ok) hand_params_to(stream, fail, "upload_params");
+    throw_if_error(fail.first);
   }
 
   // The host optimizer: master weights, states, scaler, hyper-parameters, checkpoints. Its param copy is the pinned
@@ -220,8 +210,22 @@ class offload_optimizer {
     return {b, std::min(devices_[g].size, b + offload_.piece_elements)};
   }
 
-  template <class Fail>
-  bool upload(std::size_t g, zero::range r, Fail& fail) {
+  // The first CUDA failure of a sequence of calls (each call's check returns whether it succeeded).
+  struct first_failure {
+    status first = status::success();
+    bool operator()(cudaError_t e, const std::string& what) {
+      if (e != cudaSuccess && first.ok()) first = to_status(e, what);
+      return e == cudaSuccess;
+    }
+  };
+
+  // `stream` waits for every copy enqueued on the h2d stream so far.
+  bool hand_params_to(cudaStream_t stream, first_failure& fail, const std::string& who) {
+    return fail(cudaEventRecord(params_out_, h2d_), who + ": cudaEventRecord(params out)") &&
+           fail(cudaStreamWaitEvent(stream, params_out_, 0), who + ": cudaStreamWaitEvent(caller's stream)");
+  }
+
+  bool upload(std::size_t g, zero::range r, first_failure& fail) {
     if (r.empty()) return true;
     return fail(cudaMemcpyAsync(devices_[g].params + r.begin, host_params_[g].get() + r.begin,
                                 r.size() * sizeof(param_t), cudaMemcpyHostToDevice, h2d_),
