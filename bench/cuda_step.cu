@@ -18,11 +18,16 @@
 #include <string>
 #include <vector>
 
+#include "cuda_bench.cuh"
 #include "mpopt/cuda/optimizer.cuh"
 #include "mpopt/mpopt.hpp"
 #include "mpopt/policy/traffic.hpp"
 
 namespace {
+
+using mpopt_bench::check;
+using mpopt_bench::init_buffers;
+using mpopt_bench::time_loop;
 
 // Bytes one AdamW step moves per parameter: the fused update (read grad, master, exp_avg, exp_avg_sq; write master,
 // exp_avg, exp_avg_sq and, when the master is separate, the param copy: mpopt::update_bytes_per_param) plus the
@@ -47,42 +52,6 @@ const char* layout_name(layout l) {
     case layout::tensors500: return "tensors500";
   }
   return "?";
-}
-
-bool check(benchmark::State& state, cudaError_t err, const char* what) {
-  if (err == cudaSuccess) return true;
-  (void)cudaGetLastError();
-  state.SkipWithError((std::string(what) + ": " + cudaGetErrorString(err)).c_str());
-  return false;
-}
-
-template <class P, class G>
-__global__ void init_buffers(P* p, G* g, std::uint64_t n) {
-  for (std::uint64_t i = blockIdx.x * std::uint64_t(blockDim.x) + threadIdx.x; i < n;
-       i += std::uint64_t(gridDim.x) * blockDim.x) {
-    p[i] = mpopt::convert<P>(0.01f * float(int(i % 97) - 48));
-    g[i] = mpopt::convert<G>(1e-3f * float(int(i % 13) - 6));  // finite at any loss scale fp16 can carry
-  }
-}
-
-// Times `enqueue` with a pair of events around it, once per iteration.
-template <class Enqueue>
-void time_loop(benchmark::State& state, cudaStream_t stream, Enqueue&& enqueue) {
-  cudaEvent_t start, stop;
-  if (!check(state, cudaEventCreate(&start), "cudaEventCreate")) return;
-  if (!check(state, cudaEventCreate(&stop), "cudaEventCreate")) return;
-  for (int i = 0; i < 3; ++i) enqueue();  // warm-up
-  for (auto _ : state) {
-    cudaEventRecord(start, stream);
-    enqueue();
-    cudaEventRecord(stop, stream);
-    if (!check(state, cudaEventSynchronize(stop), "cudaEventSynchronize")) break;
-    float ms = 0;
-    cudaEventElapsedTime(&ms, start, stop);
-    state.SetIterationTime(double(ms) * 1e-3);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
 }
 
 template <class Prec, class Scaler>

@@ -18,46 +18,15 @@
 #include <type_traits>
 #include <vector>
 
+#include "cuda_bench.cuh"
 #include "mpopt/cuda/muon.cuh"
 #include "mpopt/muon.hpp"
 
 namespace {
 
-bool check(benchmark::State& state, cudaError_t err, const char* what) {
-  if (err == cudaSuccess) return true;
-  (void)cudaGetLastError();
-  state.SkipWithError((std::string(what) + ": " + cudaGetErrorString(err)).c_str());
-  return false;
-}
-
-template <class P, class G>
-__global__ void init_buffers(P* p, G* g, std::uint64_t n) {
-  for (std::uint64_t i = blockIdx.x * std::uint64_t(blockDim.x) + threadIdx.x; i < n;
-       i += std::uint64_t(gridDim.x) * blockDim.x) {
-    p[i] = mpopt::convert<P>(0.01f * float(int(i % 97) - 48));
-    g[i] = mpopt::convert<G>(1e-3f * float(int(i % 13) - 6) + 1e-4f * float(i % 1021));
-  }
-}
-
-// Times `enqueue` with a pair of events around it, once per iteration.
-template <class Enqueue>
-void time_loop(benchmark::State& state, cudaStream_t stream, Enqueue&& enqueue) {
-  cudaEvent_t start, stop;
-  if (!check(state, cudaEventCreate(&start), "cudaEventCreate")) return;
-  if (!check(state, cudaEventCreate(&stop), "cudaEventCreate")) return;
-  for (int i = 0; i < 2; ++i) enqueue();  // warm-up: cuBLAS picks and loads its kernels
-  for (auto _ : state) {
-    cudaEventRecord(start, stream);
-    enqueue();
-    cudaEventRecord(stop, stream);
-    if (!check(state, cudaEventSynchronize(stop), "cudaEventSynchronize")) break;
-    float ms = 0;
-    cudaEventElapsedTime(&ms, start, stop);
-    state.SetIterationTime(double(ms) * 1e-3);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-}
+using mpopt_bench::check;
+using mpopt_bench::init_buffers;
+using mpopt_bench::time_loop;
 
 template <class T>
 void bm_step(benchmark::State& state, std::size_t rows, std::size_t cols, std::size_t count) {
@@ -67,7 +36,7 @@ void bm_step(benchmark::State& state, std::size_t rows, std::size_t cols, std::s
   const std::size_t n = g.size();
   try {
     mpopt::cuda::device_buffer<mpopt::bf16_t> params(n, "params"), grads(n, "grads");
-    init_buffers<<<1024, 256>>>(params.get(), grads.get(), n);
+    init_buffers<<<1024, 256>>>(params.get(), grads.get(), n, 1e-4f);
     if (!check(state, cudaDeviceSynchronize(), "init")) return;
     g.params = params.get();
     g.grads = grads.get();

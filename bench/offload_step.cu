@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_bench.cuh"
 #include "mpopt/cuda/offload.cuh"
 #include "mpopt/mpopt.hpp"
 
@@ -26,12 +27,7 @@ using P = prec::param_t;
 using G = prec::grad_t;
 constexpr std::size_t bus_bytes_per_param = sizeof(P) + sizeof(G);
 
-bool check(benchmark::State& state, cudaError_t err, const char* what) {
-  if (err == cudaSuccess) return true;
-  (void)cudaGetLastError();
-  state.SkipWithError((std::string(what) + ": " + cudaGetErrorString(err)).c_str());
-  return false;
-}
+using mpopt_bench::check;
 
 struct variant {
   const char* name;

@@ -93,6 +93,12 @@ status validate_aux_group(const param_group<adamw, Prec>& spec, std::size_t g, b
 // Which of the optimizer's two kinds of groups an index refers to.
 enum class muon_part : std::uint8_t { matrices, aux };
 
+// The Philox tag (group_rounding_key) of group g of a part: aux groups take 0, 1, ... as mpopt::optimizer's groups
+// do, matrix groups g | 2^15, so no two groups share a key. Both backends use it.
+inline std::uint64_t muon_rounding_tag(muon_part part, std::size_t g) {
+  return part == muon_part::aux ? std::uint64_t(g) : (std::uint64_t(g) | (std::uint64_t(1) << 15));
+}
+
 // ZeRO keeps every matrix whole: Newton–Schulz needs all of it. Each tensor (matrix or aux tensor) has an owner rank,
 // assigned greedily (largest first, to the least loaded rank; matrices by Newton–Schulz work, rows·cols·min(rows,
 // cols), aux tensors by elements), deterministically from the layout alone.
@@ -213,6 +219,13 @@ class muon_optimizer {
     check_state_index(part, g, j, "gather_state");
     for_each_tensor(part, g, [&](const item& it) { gather_item(it, state_of(it, j), out + it.offset); });
   }
+  // kahan_summation: the same for group g's compensation (what rounding dropped from each master element).
+  void gather_compensation(muon_part part, std::size_t g, master_t* out) {
+    check_group(part, g);
+    require_kahan("gather_compensation");
+    for_each_tensor(part, g,
+                    [&](const item& it) { gather_item(it, compensation_.data() + it.local, out + it.offset); });
+  }
 
   // Checkpoints (checkpoint/muon.hpp). Group g's tensors: its matrices, or its aux tensors (one when the group has
   // no tensor_sizes); its states: 1 for matrices, AdamW's count for aux groups.
@@ -248,6 +261,11 @@ class muon_optimizer {
     check_state_index(part, g, j, "state");
     return const_cast<muon_optimizer*>(this)->state_of(held_item(part, g, t, "state"), j);
   }
+  // kahan_summation: a held tensor's compensation, tensor_size() elements; null with another master rounding.
+  const master_t* compensation(muon_part part, std::size_t g, std::size_t t) const {
+    const item& it = held_item(part, g, t, "compensation");
+    return compensation_.size() > 0 ? compensation_.data() + it.local : nullptr;
+  }
   // Restore a held tensor from `values` (n = its size). set_local_master also rewrites this rank's param copy of it;
   // publish_params() then copies every owner's params into the other ranks' (collective at stages 1-2; a no-op
   // otherwise), as step() does.
@@ -266,6 +284,13 @@ class muon_optimizer {
     const item& it = held_item(part, g, t, "set_state");
     check_tensor_size(it, n, "set_state");
     std::copy(values, values + n, state_of(it, j));
+  }
+  // kahan_summation: restores a held tensor's compensation (n = its size). Not collective.
+  void set_local_compensation(muon_part part, std::size_t g, std::size_t t, const master_t* values, std::size_t n) {
+    const item& it = held_item(part, g, t, "set_local_compensation");
+    check_tensor_size(it, n, "set_local_compensation");
+    require_kahan("set_local_compensation");
+    std::copy(values, values + n, compensation_.data() + it.local);
   }
 
   // Stages 1-2: every owner's params into every rank's params (collective).
@@ -419,6 +444,13 @@ class muon_optimizer {
       throw error(status::invalid(std::string(what) + ": state index " + std::to_string(j) + " out of range for " +
                                   part_name(part) + " group " + std::to_string(g) + " (" + std::to_string(count) +
                                   " states)"));
+  }
+
+  static void require_kahan(const char* what) {
+    if constexpr (!std::is_same_v<typename Prec::master_rounding, kahan_summation>)
+      throw error(status::invalid(std::string(what) +
+                                  ": only a master<T, kahan_summation> keeps a compensation buffer, this optimizer's "
+                                  "master rounds by another rule"));
   }
 
   const item& held_item(muon_part part, std::size_t g, std::size_t t, const char* what) const {
@@ -631,16 +663,9 @@ class muon_optimizer {
     return adam_states_[std::size_t(j)].data() + (j == 2 ? it.amsgrad_local : it.state_local);
   }
   master_store_ctx<master_t> rounding_ctx(const item& it) {
-    // Philox key: the seed with the group in its high word (aux groups as mpopt::optimizer, matrix groups apart).
-    const std::uint64_t tag = it.part == muon_part::aux ? it.group : (it.group | (std::uint64_t(1) << 15));
-    const std::uint64_t key = options_.rounding_seed ^ (tag << 48);
-    master_store_ctx<master_t> ctx;
-    ctx.key[0] = std::uint32_t(key);
-    ctx.key[1] = std::uint32_t(key >> 32);
-    ctx.step = std::uint64_t(step_);
-    ctx.first_index = it.offset;
-    ctx.compensation = compensation_.size() > 0 ? compensation_.data() + it.local : nullptr;
-    return ctx;
+    return make_master_store_ctx(group_rounding_key(options_.rounding_seed, muon_rounding_tag(it.part, it.group)),
+                                 std::uint64_t(step_), it.offset,
+                                 compensation_.size() > 0 ? compensation_.data() + it.local : nullptr);
   }
 
   // A tensor's elements from its owner into `out` (the same on every rank afterwards).

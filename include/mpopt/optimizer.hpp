@@ -785,13 +785,9 @@ class optimizer {
     v.grad = g + r.begin;
     v.n = r.size();
     for (int j = 0; j < grp.num_states; ++j) v.states[j] = grp.states[std::size_t(j)].data() + r.begin;
-    // Philox key: the seed, with the group index in its high word so groups draw independent bits.
-    const std::uint64_t key = options_.rounding_seed ^ (std::uint64_t(&grp - groups_.data()) << 48);
-    v.rounding.key[0] = std::uint32_t(key);
-    v.rounding.key[1] = std::uint32_t(key >> 32);
-    v.rounding.step = std::uint64_t(step_);
-    v.rounding.first_index = grp.local.begin + r.begin;
-    v.rounding.compensation = grp.compensation.size() > 0 ? grp.compensation.data() + r.begin : nullptr;
+    v.rounding = make_master_store_ctx(group_rounding_key(options_.rounding_seed, std::uint64_t(&grp - groups_.data())),
+                                       std::uint64_t(step_), grp.local.begin + r.begin,
+                                       grp.compensation.size() > 0 ? grp.compensation.data() + r.begin : nullptr);
     const auto k = Rule::template prepare<compute_t>(grp.spec.hparams, step_);
     if constexpr (Rule::per_tensor) {
       // Each rank's segments are a run of the group's; their partials, all-gathered, add up as single-rank ones.

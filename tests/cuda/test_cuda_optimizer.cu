@@ -358,6 +358,8 @@ TEST_CASE("invalid groups, hyper-parameters and pointers are rejected with the h
   CHECK(dopt.hparams(0).eps == ho.hparams(0).eps);
   CHECK(error_of([&] { dopt.state(0, 2); }) == error_of([&] { ho.state(0, 2); }));
   CHECK(error_of([&] { dopt.master(1); }).find("group index 1 out of range") == 0);
+  CHECK(error_of([&] { dopt.compensation(1); }).find("group index 1 out of range") == 0);
+  CHECK(dopt.compensation(0) == nullptr);  // only a kahan_summation master keeps one (tests/cuda/test_cuda_rounding.cu)
 }
 
 // ---------------------------------------------------------------------------------------------------------------------

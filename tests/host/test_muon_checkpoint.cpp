@@ -1,8 +1,9 @@
 // Checkpoints of mpopt::muon_optimizer on one rank (checkpoint/muon.hpp): bitwise resume (N steps, save, load into a
 // fresh optimizer, M steps == N + M uninterrupted steps) for fp32, bf16 params + fp32 master with dynamic loss
-// scaling, all-bf16 with stochastic rounding and bf16 GEMMs, across ZeRO stages 0-2; the files and index (read by
-// read_index and consolidate); bad input, each error naming what differs, the optimizer left unchanged. Other world
-// sizes: tests/mpi/test_muon_checkpoint.cpp.
+// scaling, all-bf16 with stochastic rounding and bf16 GEMMs, and a bf16 Kahan master (its compensation included),
+// across ZeRO stages 0-2; the files and index (read by read_index and consolidate, which sums a Kahan master and its
+// compensation); master rounding mismatches, refused unless load_options::convert_master_rounding; bad input, each
+// error naming what differs, the optimizer left unchanged. Other world sizes: tests/mpi/test_muon_checkpoint.cpp.
 #include <doctest/doctest.h>
 
 #include <mpopt/checkpoint/checkpoint.hpp>
@@ -13,6 +14,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <limits>
 #include <string>
@@ -88,7 +90,7 @@ struct model {
       mpopt::muon_group<Prec> s;
       s.params = mp[g].data();
       s.grads = mg[g].data();
-      s.shapes = kMatrices[g];
+      s.shapes = std::vector<matrix_shape>(kMatrices[g]);  // not operator=: GCC 12 -O3 warns falsely (-Wnonnull)
       s.hparams = muon_hp(g);
       s.hparams.lr *= lr_factor;
       out.push_back(s);
@@ -158,6 +160,12 @@ void check_resume(int save_stage, int load_stage, const std::string& dir) {
   }
   CHECK(run.step_count() == (scaled ? kSaveAfter - 1 : kSaveAfter));
   ck::save(run, dir);
+  if constexpr (ckpt_test::is_kahan_v<O>) {  // the compensation carries state: most weights dropped a rounding
+    std::size_t nonzero = 0, total = 0;
+    for (const auto& comp : take_muon(run).compensation)
+      for (const auto& v : comp) nonzero += float(v) != 0.f, ++total;
+    CHECK(nonzero > total / 2);
+  }
 
   O resumed(res_m.matrices(3.0), res_m.aux(3.0), one, zl, scaler_args<Scaler>(), so);
   ck::load(resumed, dir);
@@ -221,6 +229,37 @@ void edit_index(const std::string& dir, const std::string& key, const std::strin
   const std::size_t end = idx.find('"', at + k.size());
   idx.replace(at + k.size(), end - at - k.size(), value);
   write_all(dir + "/index.json", idx);
+}
+
+// All-bf16 with fp32 states, the master rounded three ways: Kahan, nearest and stochastic.
+template <class Rounding>
+using bf16_master_policy = mpopt::precision<mpopt::param<mpopt::bf16_t>, mpopt::master<mpopt::bf16_t, Rounding>,
+                                            mpopt::grad<mpopt::bf16_t>, mpopt::state<float>>;
+using kahan_policy = bf16_master_policy<mpopt::kahan_summation>;
+using nearest_policy = bf16_master_policy<mpopt::nearest_rounding>;
+using stochastic_policy = bf16_master_policy<mpopt::stochastic_rounding>;
+using kahan_opt = opt_t<kahan_policy>;
+
+// An optimizer 3 steps in, saved to scratch(name); `o` keeps the values it saved.
+template <class Prec>
+struct saved_run {
+  std::string dir;
+  model<Prec> m{1};
+  opt_t<Prec> o{m.matrices(), m.aux()};
+  explicit saved_run(const std::string& name) : dir(scratch(name)) {
+    for (int k = 0; k < 3; ++k) {
+      m.make_grads(k, -1, 1.0);
+      o.step();
+    }
+    ck::save(o, dir);
+  }
+};
+
+// float -> bf16 bits, round to nearest even, written here apart from the library's conversion (finite inputs).
+std::uint16_t bf16_rne_bits(float f) {
+  std::uint32_t u = 0;
+  std::memcpy(&u, &f, 4);
+  return std::uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 }  // namespace
@@ -460,5 +499,221 @@ TEST_CASE("muon checkpoint: bad input is refused, naming what differs, and nothi
     ck::load_options lo;
     lo.verify_checksums = false;  // the save id still tells them apart
     check_refused(o, m, dir, {"metadata \"save_id\" is", "a file from another save"}, lo);
+  }
+}
+
+TEST_CASE("muon checkpoint: bitwise resume of a Kahan master, its compensation included") {
+  const std::string dir = scratch("resume_kahan");
+  for (int stage = 0; stage <= 2; ++stage)
+    check_resume<kahan_policy, mpopt::no_scaler, mpopt::muon_gemm<float>>(stage, stage, dir);
+  check_resume<kahan_policy, mpopt::no_scaler, mpopt::muon_gemm<float>>(2, 0, dir);
+  // bf16 states, dynamic loss scaling with a skipped step, bf16 GEMMs.
+  check_resume<mpopt::bf16_kahan_policy, mpopt::dynamic_scaler, mpopt::muon_gemm<mpopt::bf16_t>>(1, 2, dir);
+}
+
+TEST_CASE("muon checkpoint: a Kahan checkpoint's files hold each tensor's compensation beside its master") {
+  saved_run<kahan_policy> saved("kahan_files");
+  ck::index ix;
+  REQUIRE(ck::read_index(saved.dir, ix).ok());
+  CHECK(ix.metadata.at("precision.master_rounding") == "kahan");
+  CHECK(ix.kahan());
+  ck::input_file f;
+  ck::safetensors_header h;
+  REQUIRE(f.open(saved.dir + "/rank-00000-of-00001.safetensors").ok());
+  REQUIRE(ck::read_header(f, h).ok());
+  CHECK(h.tensors.size() == 6 * 2 + 4 * 3 + 4 + 11);  // one compensation per checkpoint group
+  CHECK(h.metadata.at("precision.master_rounding") == "kahan");
+  std::size_t k = 0;
+  for (muon_part part : {muon_part::matrices, muon_part::aux})
+    for (std::size_t g = 0; g < 2; ++g)
+      for (std::size_t t = 0; t < saved.o.num_tensors(part, g); ++t, ++k) {
+        CAPTURE(k);
+        const std::size_t n = saved.o.tensor_size(part, g, t);
+        const ck::tensor_info* ti = h.find(ck::compensation_tensor(k));
+        REQUIRE(ti != nullptr);
+        CHECK(ti->dtype == "BF16");
+        CHECK(ti->shape == std::vector<std::uint64_t>{n});
+        std::vector<mpopt::bf16_t> got(n);
+        REQUIRE(f.read(h.data_start + ti->begin, got.data(), n * 2).ok());
+        const mpopt::bf16_t* want = saved.o.compensation(part, g, t);
+        for (std::size_t i = 0; i < n; ++i) REQUIRE(got[i].bits == want[i].bits);
+      }
+  CHECK(k == 11);
+
+  // The accessors' errors name the call, the tensor and the sizes.
+  ckpt_test::check_error(ckpt_test::error_of([&] {
+                           saved.o.set_local_compensation(muon_part::aux, 0, 2,
+                                                          saved.o.compensation(muon_part::aux, 0, 2), 499);
+                         }),
+                         {"set_local_compensation: aux group 0 tensor 2 has 500 elements, got n = 499"});
+  model<mpopt::fp32_policy> fm(1);
+  fp32_opt fo(fm.matrices(), fm.aux());
+  CHECK(fo.compensation(muon_part::matrices, 0, 0) == nullptr);
+  std::vector<float> zeros(960);
+  ckpt_test::check_error(
+      ckpt_test::error_of([&] { fo.set_local_compensation(muon_part::matrices, 0, 0, zeros.data(), 960); }),
+      {"set_local_compensation: only a master<T, kahan_summation> keeps a compensation buffer"});
+}
+
+TEST_CASE("muon checkpoint: master rounding mismatches are refused unless asked for, naming both values") {
+  // A Kahan optimizer a few steps in, so that "unchanged" covers a compensation that is not zero.
+  model<kahan_policy> km(5);
+  kahan_opt ko(km.matrices(), km.aux());
+  give_state(ko, km);
+  const std::string hint = "set load_options::convert_master_rounding";
+
+  SUBCASE("a Kahan checkpoint into nearest and stochastic rounding") {
+    saved_run<kahan_policy> saved("kahan_to_other");
+    model<nearest_policy> nm(5);
+    opt_t<nearest_policy> no(nm.matrices(), nm.aux());
+    give_state(no, nm);
+    check_refused(no, nm, saved.dir,
+                  {"\"precision.master_rounding\": checkpoint has \"kahan\", this optimizer has \"nearest\"", hint});
+    model<stochastic_policy> sm(5);
+    opt_t<stochastic_policy> so(sm.matrices(), sm.aux());
+    check_refused(so, sm, saved.dir,
+                  {"\"precision.master_rounding\": checkpoint has \"kahan\", this optimizer has \"stochastic\"", hint});
+  }
+  SUBCASE("a nearest checkpoint into Kahan") {
+    saved_run<nearest_policy> saved("nearest_to_kahan");
+    check_refused(ko, km, saved.dir,
+                  {"\"precision.master_rounding\": checkpoint has \"nearest\", this optimizer has \"kahan\"", hint});
+  }
+  SUBCASE("an index that says kahan over files without a compensation") {
+    saved_run<nearest_policy> saved("kahan_without_compensation");
+    edit_index(saved.dir, "precision.master_rounding", "kahan");
+    check_refused(ko, km, saved.dir,
+                  {"rank-00000-of-00001.safetensors", "tensor \"group0.master_compensation\" is missing"});
+    edit_index(saved.dir, "precision.master_rounding", "fancy");
+    check_refused(ko, km, saved.dir,
+                  {"metadata \"precision.master_rounding\" must be nearest, stochastic or kahan, got \"fancy\""});
+  }
+}
+
+TEST_CASE(
+    "muon checkpoint: convert_master_rounding folds a Kahan compensation into the master, or starts one at zero") {
+  ck::load_options lo;
+  lo.convert_master_rounding = true;
+  std::size_t total = 0;
+  for (const std::vector<matrix_shape>& g : kMatrices)
+    for (const matrix_shape& sh : g) total += sh.rows * sh.cols;
+  for (std::size_t n : kAuxSizes) total += n;
+
+  SUBCASE("Kahan -> an fp32 master keeps master + compensation") {
+    saved_run<kahan_policy> saved("fold_fp32");
+    const snapshot<kahan_opt> want = take_muon(saved.o);
+    model<mpopt::bf16_mixed_policy> wm(5);
+    opt_t<mpopt::bf16_mixed_policy> wide(wm.matrices(), wm.aux());
+    lo.convert_dtypes = true;  // bf16 master -> fp32
+    ck::load(wide, saved.dir, lo);
+    const auto got = take_muon(wide);
+    std::size_t moved = 0;
+    for (std::size_t g = 0; g < 4; ++g)
+      for (std::size_t i = 0; i < want.master[g].size(); ++i) {
+        const float w = ckpt_test::kahan_weight_ref(want.master[g][i], want.compensation[g][i]);
+        REQUIRE(got.master[g][i] == w);
+        moved += w != float(want.master[g][i]);
+        for (std::size_t j = 0; j < want.states[g].size(); ++j)
+          REQUIRE(got.states[g][j][i] == want.states[g][j][i]);  // fp32 both
+      }
+    CHECK(moved > total / 2);                          // the compensation was not lost
+    for (std::size_t i = 0; i < wm.mp[0].size(); ++i)  // the param copy, rounded from the new master
+      REQUIRE(wm.mp[0][i].bits == bf16_rne_bits(got.master[0][i]));
+  }
+  SUBCASE("Kahan -> a bf16 nearest master: master + compensation rounded once to bf16") {
+    saved_run<kahan_policy> saved("fold_bf16");
+    const snapshot<kahan_opt> want = take_muon(saved.o);
+    model<nearest_policy> nm(5);
+    opt_t<nearest_policy> no(nm.matrices(), nm.aux());
+    ck::load(no, saved.dir, lo);
+    const auto got = take_muon(no);
+    for (std::size_t g = 0; g < 4; ++g)
+      for (std::size_t i = 0; i < want.master[g].size(); ++i) {
+        const double sum = double(float(want.master[g][i])) + double(float(want.compensation[g][i]));
+        REQUIRE(double(float(sum)) == sum);  // exact in fp32, so rounding that float rounds the exact sum once
+        REQUIRE(got.master[g][i].bits == bf16_rne_bits(float(sum)));
+      }
+    for (std::size_t g = 0; g < 2; ++g) {  // the param buffer is the master
+      CHECK(ckpt_test::same_bits(nm.mp[g], got.master[g]));
+      CHECK(ckpt_test::same_bits(nm.ap[g], got.master[2 + g]));
+    }
+  }
+  SUBCASE("nearest -> Kahan starts the compensation at zero") {
+    saved_run<nearest_policy> saved("nearest_to_kahan_zero");
+    const auto want = take_muon(saved.o);
+    model<kahan_policy> km(5);
+    kahan_opt ko(km.matrices(), km.aux());
+    give_state(ko, km);
+    std::size_t nonzero = 0;
+    for (const auto& c : take_muon(ko).compensation)
+      for (const mpopt::bf16_t& v : c) nonzero += v.bits != 0;
+    REQUIRE(nonzero > 0);  // so that zeroing it is seen
+    ck::load(ko, saved.dir, lo);
+    CHECK(ko.step_count() == 3);
+    const auto got = take_muon(ko);
+    for (std::size_t g = 0; g < 4; ++g) {
+      CHECK(ckpt_test::same_bits(got.master[g], want.master[g]));
+      for (std::size_t j = 0; j < want.states[g].size(); ++j)
+        CHECK(ckpt_test::same_bits(got.states[g][j], want.states[g][j]));
+      for (const mpopt::bf16_t& v : got.compensation[g]) REQUIRE(v.bits == 0);
+    }
+  }
+}
+
+TEST_CASE("muon checkpoint: consolidating a Kahan checkpoint writes master + compensation") {
+  saved_run<kahan_policy> saved("consolidate_kahan");
+  const snapshot<kahan_opt> s = take_muon(saved.o);
+  const std::string out = scratch("consolidate_kahan_full.safetensors");
+  ck::consolidate_options co;
+  co.states = true;
+  REQUIRE(ck::consolidate(saved.dir, out, co).ok());  // default dtype: fp32
+  ck::input_file f;
+  REQUIRE(f.open(out).ok());
+  ck::safetensors_header h;
+  REQUIRE(ck::read_header(f, h).ok());
+  CHECK(h.metadata.at("consolidated_dtype") == "fp32");
+  CHECK(h.tensors.size() == 6 * 2 + 4 * 3 + 4);  // weight and states per tensor; no compensation of its own
+  auto read = [&](const std::string& name, std::size_t n) {
+    const ck::tensor_info* ti = h.find(name);
+    REQUIRE(ti != nullptr);
+    REQUIRE(ti->dtype == "F32");
+    REQUIRE(ti->elements() == n);
+    std::vector<float> v(n);
+    REQUIRE(f.read(h.data_start + ti->begin, v.data(), n * 4).ok());
+    return v;
+  };
+  // Matrix 0.1 (elements [960, 1920) of matrix group 0) and aux tensor 0.2 (elements [7, 507) of aux group 0).
+  std::size_t moved = 0;
+  const std::vector<float> m01 = read("group1.tensor0", 960), a02 = read("group8.tensor0", 500);
+  for (std::size_t i = 0; i < 960; ++i) {
+    REQUIRE(m01[i] == ckpt_test::kahan_weight_ref(s.master[0][960 + i], s.compensation[0][960 + i]));
+    moved += m01[i] != float(s.master[0][960 + i]);
+  }
+  for (std::size_t i = 0; i < 500; ++i) {
+    REQUIRE(a02[i] == ckpt_test::kahan_weight_ref(s.master[2][7 + i], s.compensation[2][7 + i]));
+    moved += a02[i] != float(s.master[2][7 + i]);
+  }
+  CHECK(moved > (960 + 500) / 2);
+  CHECK(ckpt_test::same_bits(read("group1.tensor0.momentum_buffer", 960),
+                             std::vector<float>(s.states[0][0].begin() + 960, s.states[0][0].begin() + 1920)));
+  CHECK(ckpt_test::same_bits(read("group10.tensor0.max_exp_avg_sq", 300), s.states[3][2]));
+
+  // bf16: the same sum, rounded once.
+  co.states = false;
+  co.dtype = "bf16";
+  REQUIRE(ck::consolidate(saved.dir, out, co).ok());
+  ck::input_file fb;
+  REQUIRE(fb.open(out).ok());
+  REQUIRE(ck::read_header(fb, h).ok());
+  CHECK(h.tensors.size() == 11);
+  const ck::tensor_info* t = h.find("group1.tensor0");
+  REQUIRE(t != nullptr);
+  CHECK(t->dtype == "BF16");
+  std::vector<mpopt::bf16_t> b(960);
+  REQUIRE(fb.read(h.data_start + t->begin, b.data(), b.size() * 2).ok());
+  for (std::size_t i = 0; i < 960; ++i) {
+    const double sum = double(float(s.master[0][960 + i])) + double(float(s.compensation[0][960 + i]));
+    REQUIRE(double(float(sum)) == sum);
+    REQUIRE(b[i].bits == bf16_rne_bits(float(sum)));
   }
 }

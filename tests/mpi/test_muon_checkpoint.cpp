@@ -2,9 +2,16 @@
 // stage S, loaded by M ranks at stage S' (each a sub-communicator of the world mpirun gives; cases needing more ranks
 // than it has are skipped, so the np4 run covers all of them), then trained on. The continuation must equal the
 // uninterrupted single-rank run bit for bit: every tensor is updated whole by one rank with the same arithmetic at
-// any world size (tests/mpi/test_muon.cpp), so moving tensors to other owners changes no bit. Also: each rank's file
-// holds exactly the tensors it owns, rank 0 consolidates the checkpoint offline, and a bad file on one rank fails
-// the load on every rank with nothing changed.
+// any world size (tests/mpi/test_muon.cpp), so moving tensors to other owners changes no bit; a Kahan master's
+// compensation moves with it. Also: each rank's file holds exactly the tensors it owns, rank 0 consolidates the
+// checkpoint offline (a Kahan one as master + compensation), a Kahan checkpoint folds into a nearest-rounding master
+// at another world size when asked, and a bad file on one rank fails the load on every rank with nothing changed.
+
+// GCC 12 at -O3 reports a null memmove destination inside std::vector<matrix_shape>::operator= (-Wnonnull): a false
+// positive of its middle end, not located in this file; nothing here copies into a null buffer.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic ignored "-Wnonnull"
+#endif
 #include <mpopt/checkpoint/checkpoint.hpp>
 #include <mpopt/checkpoint/consolidate.hpp>
 #include <mpopt/checkpoint/muon.hpp>
@@ -175,6 +182,11 @@ void check_reshard(const reshard& r, const std::string& what) {
                 const ck::tensor_info* ti = h.find(ck::master_tensor(k));
                 REQUIRE(ti != nullptr);
                 CHECK(ti->elements() == (q == owner ? n : 0));
+                if constexpr (ckpt_test::is_kahan_v<O>) {
+                  const ck::tensor_info* ci = h.find(ck::compensation_tensor(k));
+                  REQUIRE(ci != nullptr);
+                  CHECK(ci->elements() == (q == owner ? n : 0));
+                }
               }
             }
         CHECK(k == ix.groups.size());
@@ -183,7 +195,9 @@ void check_reshard(const reshard& r, const std::string& what) {
   }
   MPI_Barrier(MPI_COMM_WORLD);
 
-  if (world_rank() == 0) {  // offline, no communicator: tensor k's master, in group order
+  if (world_rank() == 0) {  // offline, no communicator: tensor k's weights, in group order
+    // A Kahan checkpoint consolidates to fp32 master + compensation, recomputed here in fp64.
+    using out_t = std::conditional_t<ckpt_test::is_kahan_v<O>, float, master_t>;
     const std::string out = dir + ".full.safetensors";
     REQUIRE(ck::consolidate(dir, out).ok());
     ck::input_file f;
@@ -192,15 +206,21 @@ void check_reshard(const reshard& r, const std::string& what) {
     REQUIRE(ck::read_header(f, h).ok());
     std::size_t k = 0;
     for (std::size_t g = 0; g < at_save.master.size(); ++g) {
-      std::vector<master_t> full;
+      std::vector<out_t> full, want;
       while (full.size() < at_save.master[g].size()) {
         const ck::tensor_info* ti = h.find("group" + std::to_string(k++) + ".tensor0");
         REQUIRE(ti != nullptr);
-        std::vector<master_t> part(ti->elements());
-        REQUIRE(f.read(h.data_start + ti->begin, part.data(), part.size() * sizeof(master_t)).ok());
+        std::vector<out_t> part(ti->elements());
+        REQUIRE(f.read(h.data_start + ti->begin, part.data(), part.size() * sizeof(out_t)).ok());
         full.insert(full.end(), part.begin(), part.end());
       }
-      CHECK(same_bits(full, at_save.master[g]));
+      if constexpr (ckpt_test::is_kahan_v<O>) {
+        for (std::size_t i = 0; i < at_save.master[g].size(); ++i)
+          want.push_back(ckpt_test::kahan_weight_ref(at_save.master[g][i], at_save.compensation[g][i]));
+      } else {
+        want = at_save.master[g];
+      }
+      CHECK(same_bits(full, want));
     }
   }
 
@@ -255,6 +275,85 @@ TEST_CASE("muon checkpoint: reshard across world sizes and stages, bf16 params +
 TEST_CASE("muon checkpoint: reshard, all-bf16 with stochastic rounding and bf16 GEMMs") {
   for (const reshard& r : {reshard{4, 1, 2, 2}, reshard{1, 0, 3, 2}, reshard{2, 2, 1, 1}})
     check_reshard<mpopt::bf16_stochastic_policy, mpopt::no_scaler, mpopt::muon_gemm<mpopt::bf16_t>>(r, "bf16_sr");
+}
+
+// The compensation is per element, saved and read with its tensor's master by the same owners.
+using kahan_policy = mpopt::precision<mpopt::param<mpopt::bf16_t>, mpopt::master<mpopt::bf16_t, mpopt::kahan_summation>,
+                                      mpopt::grad<mpopt::bf16_t>, mpopt::state<float>>;
+
+TEST_CASE("muon checkpoint: reshard of a Kahan master, its compensation included") {
+  for (const reshard& r : {reshard{2, 1, 1, 0}, reshard{2, 0, 3, 2}, reshard{2, 2, 3, 1}, reshard{3, 2, 2, 1},
+                           reshard{1, 0, 2, 2}, reshard{2, 2, 2, 0}})
+    check_reshard<kahan_policy, mpopt::no_scaler>(r, "kahan");
+  for (const reshard& r : {reshard{2, 1, 3, 2}, reshard{2, 2, 1, 1}})
+    check_reshard<mpopt::bf16_kahan_policy, mpopt::dynamic_scaler, mpopt::muon_gemm<mpopt::bf16_t>>(r, "kahan_bf16");
+}
+
+// load_options::convert_master_rounding at another world size: each weight master + compensation, into an fp32
+// master (so the compensation shows).
+TEST_CASE("muon checkpoint: a Kahan checkpoint of 2 ranks folds into an fp32 master on the others") {
+  if (world_size() < 2) return;
+  using K = mpopt::muon_optimizer<kahan_policy>;
+  using W = mpopt::muon_optimizer<mpopt::bf16_mixed_policy>;
+  const std::string dir = shared_dir("kahan_fold");
+  // Rank 0's snapshot at the save, sent to every rank.
+  std::vector<std::size_t> sizes;
+  for (const auto& shapes : kMatrices) {
+    sizes.push_back(0);
+    for (const matrix_shape& sh : shapes) sizes.back() += sh.rows * sh.cols;
+  }
+  for (const auto& tensors : kAux) {
+    sizes.push_back(0);
+    for (std::size_t n : tensors) sizes.back() += n;
+  }
+  snapshot<K> saved;
+  {
+    sub_comm sc(2);
+    if (sc.member()) {
+      mpopt::comm::mpi comm(sc.c);
+      mpopt::zero_options z;
+      z.stage = 2;
+      model<kahan_policy> m(1, 1.0);
+      K o(m.matrices, m.aux, comm, z);
+      for (int k = 0; k < kSaveAfter; ++k) {
+        m.make_grads(k, false, 1.0);
+        o.step();
+      }
+      ck::save(o, dir);
+      saved = take_muon(o);
+    }
+  }
+  saved.master.resize(sizes.size());
+  saved.compensation.resize(sizes.size());
+  for (std::size_t g = 0; g < sizes.size(); ++g) {
+    saved.master[g].resize(sizes[g]);
+    saved.compensation[g].resize(sizes[g]);
+    MPI_Bcast(saved.master[g].data(), int(sizes[g] * 2), MPI_BYTE, 0, MPI_COMM_WORLD);
+    MPI_Bcast(saved.compensation[g].data(), int(sizes[g] * 2), MPI_BYTE, 0, MPI_COMM_WORLD);
+  }
+
+  mpopt::comm::mpi comm;
+  mpopt::zero_options z;
+  z.stage = 1;
+  model<mpopt::bf16_mixed_policy> m(2, 3.0);
+  W o(m.matrices, m.aux, comm, z);
+  ck::load_options lo;
+  lo.convert_dtypes = true;  // bf16 master -> fp32
+  ckpt_test::check_error(ckpt_test::error_of([&] { ck::load(o, dir, lo); }),
+                         {"\"precision.master_rounding\": checkpoint has \"kahan\", this optimizer has \"nearest\"",
+                          "set load_options::convert_master_rounding"});
+  lo.convert_master_rounding = true;
+  ck::load(o, dir, lo);
+  const snapshot<W> got = take_muon(o);
+  std::size_t moved = 0, total = 0;
+  for (std::size_t g = 0; g < sizes.size(); ++g)
+    for (std::size_t i = 0; i < sizes[g]; ++i, ++total) {
+      const float want = ckpt_test::kahan_weight_ref(saved.master[g][i], saved.compensation[g][i]);
+      REQUIRE(got.master[g][i] == want);
+      moved += want != float(saved.master[g][i]);
+    }
+  CHECK(moved > total / 2);  // the compensation was not lost
+  shared_dir.remove();
 }
 
 TEST_CASE("muon checkpoint: a rank's bad file fails the load on every rank, and nothing changes") {

@@ -542,6 +542,31 @@ status read_folded(const shard_reader& f, std::size_t g, zero::range saved, zero
   return st;
 }
 
+// Elements `piece` of group g's master from file f (which holds `saved` of it) into master[0, piece.size()) and, for
+// a Kahan optimizer, its compensation into compensation[0, piece.size()): the checkpoint's, or left as it is (zero)
+// when the checkpoint has none. A Kahan checkpoint into an optimizer without one folds the compensation in.
+template <bool Kahan, class M>
+status read_master(const shard_reader& f, const index& ix, std::size_t g, zero::range saved, zero::range piece,
+                   M* master, M* compensation, bool convert_dtypes) {
+  if (ix.kahan() && !Kahan) return read_folded(f, g, saved, piece, master);
+  status st = f.read(master_tensor(g), saved, piece, master, convert_dtypes);
+  if (st.ok() && Kahan && ix.kahan()) st = f.read(compensation_tensor(g), saved, piece, compensation, convert_dtypes);
+  return st;
+}
+
+// "precision.master_rounding" must be present and, unless load_options::convert_master_rounding, the optimizer's.
+inline status check_master_rounding(const meta_map& saved, const meta_map& mine, const std::string& dir,
+                                    const load_options& o) {
+  const std::string key = "precision.master_rounding";
+  std::string rounding;  // required; read_index checked its value and index::kahan() reads it
+  status st = meta_get(saved, dir, key, rounding);
+  if (st.ok() && !o.convert_master_rounding && !(st = meta_same(saved, mine, dir, key)).ok())
+    st.message +=
+        " (set load_options::convert_master_rounding to load it: a Kahan compensation is then folded into the master "
+        "or started at zero)";
+  return st;
+}
+
 template <class Opt>
 status stage_load(const Opt& opt, const std::string& dir, const load_options& o, staged<Opt>& out) {
   using Rule = typename Opt::rule_type;
@@ -553,17 +578,8 @@ status stage_load(const Opt& opt, const std::string& dir, const load_options& o,
   const meta_map& saved = ix.metadata;
   std::vector<std::string> keys = {"rule", "scaler", "groups"};
   if (!o.convert_dtypes) keys.insert(keys.end(), {"precision.master", "precision.state"});
-  if (!o.convert_master_rounding) keys.push_back("precision.master_rounding");
-  for (const auto& k : keys)
-    if (!(st = meta_same(saved, mine, dir, k)).ok()) {
-      if (k == "precision.master_rounding")
-        st.message +=
-            " (set load_options::convert_master_rounding to load it: a Kahan compensation is then folded "
-            "into the master or started at zero)";
-      return st;
-    }
-  std::string rounding;  // required; read_index checked its value and ix.kahan() reads it
-  if (!(st = meta_get(saved, dir, "precision.master_rounding", rounding)).ok()) return st;
+  if (!(st = meta_all_same(saved, mine, dir, keys)).ok()) return st;
+  if (!(st = check_master_rounding(saved, mine, dir, o)).ok()) return st;
   constexpr bool kahan = std::is_same_v<typename Opt::precision_type::master_rounding, kahan_summation>;
   for (std::size_t g = 0; g < opt.num_groups(); ++g)
     for (const char* f : {"size", "tensor_sizes", "num_states", "states"})
@@ -593,13 +609,8 @@ status stage_load(const Opt& opt, const std::string& dir, const load_options& o,
       const shard_reader* f = nullptr;
       if (!(st = files.get(q, f)).ok()) return st;
       const std::size_t at = piece.begin - local.begin;
-      if (ix.kahan() && !kahan) {
-        st = read_folded(*f, g, r, piece, out.master.back().data() + at);
-      } else {
-        st = f->read(master_tensor(g), r, piece, out.master.back().data() + at, o.convert_dtypes);
-        if (st.ok() && kahan && ix.kahan())
-          st = f->read(compensation_tensor(g), r, piece, out.compensation.back().data() + at, o.convert_dtypes);
-      }
+      st = read_master<kahan>(*f, ix, g, r, piece, out.master.back().data() + at,
+                              kahan ? out.compensation.back().data() + at : nullptr, o.convert_dtypes);
       for (int j = 0; st.ok() && j < opt.num_states(g); ++j)
         st = f->read(state_tensor(g, Rule::state_names[j]), r, piece, out.states.back()[std::size_t(j)].data() + at,
                      o.convert_dtypes);

@@ -6,7 +6,8 @@
 //
 // A Kahan checkpoint (kahan_summation master) holds each weight as master + compensation: the tool writes that sum,
 // rounded once to the output dtype, which defaults to fp32 there (a 16-bit output would round most of the
-// compensation away again). The compensation itself is not written.
+// compensation away again). The compensation itself is not written. A Muon checkpoint (muon.hpp: one group per
+// tensor, each in its owner's file) consolidates the same way, a Kahan one included.
 #pragma once
 
 #include <cstddef>

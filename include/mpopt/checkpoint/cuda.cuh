@@ -1,8 +1,9 @@
 // Checkpoints of mpopt::cuda::optimizer, in the host optimizer's format (checkpoint.hpp): save() copies the device
-// state (master, states, step, scaler state, hyper-parameters) into a one-rank host mpopt::optimizer of the same
-// rule, policy and scaler and saves that; load() loads into such a host optimizer (every check and conversion of
-// checkpoint.hpp, nothing changed on failure) and copies the state to the device. So a checkpoint moves freely
-// between the backends, and between one GPU and any world size and ZeRO stage of the host optimizer.
+// state (master, a kahan_summation master's compensation, states, step, scaler state, hyper-parameters, step options
+// with the rounding seed) into a one-rank host mpopt::optimizer of the same rule, policy and scaler and saves that;
+// load() loads into such a host optimizer (every check and conversion of checkpoint.hpp, nothing changed on failure)
+// and copies the state to the device. So a checkpoint moves freely between the backends, and between one GPU and any
+// world size and ZeRO stage of the host optimizer.
 //
 // Both synchronise `stream` and hold one host copy of the state while they run (master, states and params, plus
 // one group's worth of zero grads that the host optimizer requires and never reads).
@@ -14,6 +15,7 @@
 #include <cstddef>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../cuda/error.cuh"
@@ -29,6 +31,7 @@ namespace detail {
 template <class Rule, class Prec, class Scaler>
 struct cuda_mirror {
   using cuda_type = cuda::optimizer<Rule, Prec, Scaler>;
+  static constexpr bool kahan = std::is_same_v<typename Prec::master_rounding, kahan_summation>;
   std::vector<std::vector<typename Prec::param_t>> params;
   std::vector<typename Prec::grad_t> zero_grads;  // shared by every group: the host optimizer wants grads
   std::optional<mpopt::optimizer<Rule, Prec, Scaler>> host;
@@ -57,6 +60,10 @@ struct cuda_mirror {
       const std::size_t n = opt.size(g);
       const auto master = to_host(opt.master(g), n, "master", stream);
       host->set_local_master(g, master.data(), n);
+      if constexpr (kahan) {
+        const auto compensation = to_host(opt.compensation(g), n, "compensation", stream);
+        host->set_local_compensation(g, compensation.data(), n);
+      }
       for (int j = 0; j < opt.num_states(g); ++j) {
         const auto state = to_host(opt.state(g, j), n, "optimizer state", stream);
         host->set_state(g, j, state.data(), n);
@@ -97,6 +104,8 @@ void load(cuda::optimizer<Rule, Prec, Scaler>& opt, const std::string& dir, cons
     detail::copy_to_device(opt.master(g), m.host->master(g), n, "master", stream);
     if constexpr (Prec::separate_master)  // the host rewrote its param copy from the loaded master
       detail::copy_to_device(opt.params(g), m.params[g].data(), n, "params", stream);
+    if constexpr (detail::cuda_mirror<Rule, Prec, Scaler>::kahan)
+      detail::copy_to_device(opt.compensation(g), m.host->compensation(g), n, "compensation", stream);
     for (int j = 0; j < opt.num_states(g); ++j)
       detail::copy_to_device(opt.state(g, j), m.host->state(g, j), n, "optimizer state", stream);
     if (options.restore_hparams) opt.set_hparams(g, m.host->hparams(g), stream);

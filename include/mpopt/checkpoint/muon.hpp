@@ -4,7 +4,8 @@
 // Muon keeps every tensor whole on one owner rank (muon.hpp: owner()), matrices and aux (AdamW) tensors alike, so
 // the unit of a checkpoint is the tensor. In index.hpp's format each tensor is one "group" k, numbered in the
 // optimizer's order (matrix groups' matrices, then aux groups' tensors), and each rank writes the tensors it owns:
-//   <dir>/rank-<r>-of-<W>.safetensors   rank r: "group<k>.master" and "group<k>.state.<name>" (matrices:
+//   <dir>/rank-<r>-of-<W>.safetensors   rank r: "group<k>.master", with a kahan_summation master
+//                                       "group<k>.master_compensation", and "group<k>.state.<name>" (matrices:
 //                                       momentum_buffer; aux: exp_avg, exp_avg_sq[, max_exp_avg_sq]), 1-D: the whole
 //                                       tensor for each k it owns, empty for the others (at stage 0 too: the
 //                                       replicas split the writing)
@@ -24,8 +25,10 @@
 // The Gemm type (muon_gemm<float> or <bf16_t>) is recorded but not checked: it is compute policy, like the grad
 // dtype (the state is the same bytes under either), so a checkpoint may continue under the other one, e.g. moved
 // between a GPU's bf16 tensor-core GEMMs and fp32 host ones. Only the same Gemm resumes bit for bit.
-// Not saved, as in checkpoint.hpp: the param copy (load() rewrites it from the master), step_options (recorded),
-// and the scaler's arguments (recorded; they are constructor arguments). Kahan summation is refused at compile time.
+// A Kahan master's compensation is saved, resharded and crosses master roundings (load_options::
+// convert_master_rounding) as in checkpoint.hpp, with its helpers. Not saved, as there: the param copy (load()
+// rewrites it from the master), step_options (recorded), and the scaler's arguments (recorded; they are constructor
+// arguments).
 #pragma once
 
 #include <cstddef>
@@ -108,14 +111,6 @@ inline status parse_adjust_lr(const meta_map& m, const std::string& dir, const s
   return meta_error(dir, key, "it must be \"original\" or \"match_rms_adamw\"", v);
 }
 
-// Instantiated by save() and load().
-template <class Prec>
-constexpr void check_checkpointable() {
-  static_assert(!std::is_same_v<typename Prec::master_rounding, kahan_summation>,
-                "mpopt::checkpoint: a Muon optimizer's Kahan compensation buffer is not checkpointed yet; use "
-                "nearest_rounding or stochastic_rounding for a Muon master you checkpoint");
-}
-
 }  // namespace detail
 
 // The metadata describing `opt` (the keys at the top and in index.hpp). Every rank computes the same, except that
@@ -173,7 +168,6 @@ meta_map describe(const muon_optimizer<Prec, Scaler, Gemm>& opt) {
 // mpopt::error on every rank if any rank fails, and then no index.json exists, so the directory does not load.
 template <class Prec, class Scaler, class Gemm>
 void save(const muon_optimizer<Prec, Scaler, Gemm>& opt, const std::string& dir, const save_options& options = {}) {
-  detail::check_checkpointable<Prec>();
   comm::communicator& c = opt.communicator();
   const int rank = c.rank(), world = c.size();
   const char* what = "checkpoint save";
@@ -194,6 +188,9 @@ void save(const muon_optimizer<Prec, Scaler, Gemm>& opt, const std::string& dir,
       const bool mine = opt.owner(x.part, x.group, x.tensor) == rank;
       const std::uint64_t n = mine ? opt.tensor_size(x.part, x.group, x.tensor) : 0;
       entries.push_back(tensor_of(master_tensor(k), n, mine ? opt.master(x.part, x.group, x.tensor) : nullptr));
+      if constexpr (std::is_same_v<typename Prec::master_rounding, kahan_summation>)
+        entries.push_back(
+            tensor_of(compensation_tensor(k), n, mine ? opt.compensation(x.part, x.group, x.tensor) : nullptr));
       for (int j = 0; j < opt.num_states(x.part, x.group); ++j)
         entries.push_back(tensor_of(state_tensor(k, detail::muon_state_names(x.part)[j]), n,
                                     mine ? opt.state(x.part, x.group, x.tensor, j) : nullptr));
@@ -229,15 +226,15 @@ void save(muon_optimizer<Prec, Scaler, Gemm>& opt, const std::string& dir, const
 
 namespace detail {
 
-// Everything load() will put into the optimizer, read and validated. master and states per checkpoint group k,
-// empty where this rank does not hold tensor k.
+// Everything load() will put into the optimizer, read and validated. master, compensation (kahan_summation only)
+// and states per checkpoint group k, empty where this rank does not hold tensor k.
 template <class Opt>
 struct muon_staged {
   std::vector<muon::args> matrix_hparams;
   std::vector<adamw::args> aux_hparams;
   typename Opt::scaler_state_type scaler{};
   std::int64_t step = 0;
-  std::vector<std::vector<typename Opt::master_t>> master;
+  std::vector<std::vector<typename Opt::master_t>> master, compensation;
   std::vector<std::vector<std::vector<typename Opt::state_t>>> states;
 };
 
@@ -251,7 +248,9 @@ status stage_muon_load(const muon_optimizer<Prec, Scaler, Gemm>& opt, const std:
   const meta_map& saved = ix.metadata;
   // The rule first: a checkpoint of another optimizer fails there, before any Muon key is missed. Then the layout
   // by Muon's groups (the message names the matrix group and its shapes), then per tensor.
-  std::vector<std::string> keys = {"rule", "scaler", "precision.master_rounding", "muon.format_version"};
+  if (!(st = meta_all_same(saved, mine, dir, {"rule", "scaler"})).ok()) return st;
+  if (!(st = check_master_rounding(saved, mine, dir, o)).ok()) return st;
+  std::vector<std::string> keys = {"muon.format_version"};
   if (!o.convert_dtypes) keys.insert(keys.end(), {"precision.master", "precision.state"});
   keys.insert(keys.end(), {"muon.matrix_groups", "muon.aux_groups"});
   for (std::size_t g = 0; g < opt.num_matrix_groups(); ++g)
@@ -285,22 +284,26 @@ status stage_muon_load(const muon_optimizer<Prec, Scaler, Gemm>& opt, const std:
   }
 
   // The tensors this rank holds, from the files that hold them (their saving owners').
+  constexpr bool kahan = std::is_same_v<typename Prec::master_rounding, kahan_summation>;
   file_cache files(ix, o.verify_checksums);
   for (std::size_t k = 0; k < tensors.size(); ++k) {
     const muon_tensor& x = tensors[k];
     out.master.emplace_back();
+    out.compensation.emplace_back();
     out.states.emplace_back();
     if (!opt.holds(x.part, x.group, x.tensor)) continue;
     const std::size_t n = opt.tensor_size(x.part, x.group, x.tensor);
     const int ns = opt.num_states(x.part, x.group);
     out.master.back().resize(n);
+    if (kahan) out.compensation.back().resize(n);  // zero unless the checkpoint has one
     out.states.back().assign(std::size_t(ns), std::vector<typename muon_optimizer<Prec, Scaler, Gemm>::state_t>(n));
     for (std::size_t q = 0; q < ix.files.size(); ++q) {
       const zero::range r = ix.files[q].ranges[k];
       if (r.empty()) continue;
       const shard_reader* f = nullptr;
       if (!(st = files.get(q, f)).ok()) return st;
-      st = f->read(master_tensor(k), r, r, out.master.back().data() + r.begin, o.convert_dtypes);
+      st = read_master<kahan>(*f, ix, k, r, r, out.master.back().data() + r.begin,
+                              kahan ? out.compensation.back().data() + r.begin : nullptr, o.convert_dtypes);
       for (int j = 0; st.ok() && j < ns; ++j)
         st = f->read(state_tensor(k, muon_state_names(x.part)[j]), r, r,
                      out.states.back()[std::size_t(j)].data() + r.begin, o.convert_dtypes);
@@ -313,12 +316,12 @@ status stage_muon_load(const muon_optimizer<Prec, Scaler, Gemm>& opt, const std:
 }  // namespace detail
 
 // Restores `opt` from directory `dir`, written by save() at any world size and ZeRO stage. Collective. The
-// optimizer must have the same scaler kind, matrix shapes, aux tensor sizes and state counts, and master/state
-// dtypes (or load_options::convert_dtypes); a mismatch, a missing index or a missing, truncated or corrupt file
-// throws mpopt::error on every rank, naming the key or file and both values, and leaves the optimizer unchanged.
+// optimizer must have the same scaler kind, matrix shapes, aux tensor sizes and state counts, master/state dtypes
+// and master rounding (load_options relaxes the last two); a mismatch, a missing index or a missing, truncated or
+// corrupt file throws mpopt::error on every rank, naming the key or file and both values, and leaves the optimizer
+// unchanged.
 template <class Prec, class Scaler, class Gemm>
 void load(muon_optimizer<Prec, Scaler, Gemm>& opt, const std::string& dir, const load_options& options = {}) {
-  detail::check_checkpointable<Prec>();
   detail::muon_staged<muon_optimizer<Prec, Scaler, Gemm>> s;
   detail::agree(opt.communicator(), detail::status_of([&] { return detail::stage_muon_load(opt, dir, options, s); }),
                 "checkpoint load");
@@ -334,6 +337,8 @@ void load(muon_optimizer<Prec, Scaler, Gemm>& opt, const std::string& dir, const
     const detail::muon_tensor& x = tensors[k];
     if (!opt.holds(x.part, x.group, x.tensor)) continue;
     opt.set_local_master(x.part, x.group, x.tensor, s.master[k].data(), s.master[k].size());
+    if constexpr (std::is_same_v<typename Prec::master_rounding, kahan_summation>)
+      opt.set_local_compensation(x.part, x.group, x.tensor, s.compensation[k].data(), s.compensation[k].size());
     for (int j = 0; j < opt.num_states(x.part, x.group); ++j)
       opt.set_state(x.part, x.group, x.tensor, j, s.states[k][std::size_t(j)].data(), s.master[k].size());
   }

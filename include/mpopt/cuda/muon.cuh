@@ -25,7 +25,11 @@
 //
 // Hyper-parameters: lr, weight_decay, momentum, nesterov, eps and adjust_lr can change (set_matrix_hparams writes
 // them on the stream); ns_coefficients and ns_steps fix the batching and the GEMM scalars, so they cannot.
-// Masters: nearest rounding only (as cuda::optimizer).
+// Masters: a master<T, stochastic_rounding> or master<T, kahan_summation> rounds each update as the host optimizer
+// does (policy/rounding.hpp), with its Philox key (rounding_seed; aux group g tagged g, as cuda::optimizer's groups,
+// matrix group g tagged g | 2^15), counter (element index in the group, step) and compensation. The aux groups'
+// masters are therefore the host's bit for bit (device arithmetic without fused multiply-adds, nvcc --fmad=false);
+// the matrices' take the host's roundings of the cuBLAS update, which differs from the host's by the GEMMs' sums.
 #pragma once
 
 #include <cublas_v2.h>
@@ -48,6 +52,7 @@
 #include "../numeric/convert.hpp"
 #include "../optimizer.hpp"
 #include "../policy/precision.hpp"
+#include "../policy/rounding.hpp"
 #include "../rule/adam.hpp"
 #include "../rule/muon.hpp"
 #include "../scaler/scalers.hpp"
@@ -110,7 +115,8 @@ inline muon_matrix_coeffs make_muon_coeffs(const muon::args& a, std::size_t rows
 }
 
 // One matrix of a batch: the caller's param and grad, the optimizer's master and momentum, and its slots in the
-// batch workspace (u: the fp32 NS input; x: the NS result, of the GEMM type). All in the matrix's memory order.
+// batch workspace (u: the fp32 NS input; x: the NS result, of the GEMM type). All in the matrix's memory order. The
+// last three fields serve a stochastic_rounding or kahan_summation master only (zero otherwise).
 template <class Prec, class T>
 struct muon_entry {
   const typename Prec::grad_t* grad;
@@ -120,9 +126,21 @@ struct muon_entry {
   float* u;
   T* x;
   std::uint64_t n;
-  std::uint32_t matrix;     // index into the coefficient array and the batch's norms
-  std::uint32_t vector_ok;  // every stream this entry touches is 16-byte aligned
+  std::uint32_t matrix;                   // index into the coefficient array and the batch's norms
+  std::uint32_t vector_ok;                // every stream this entry touches is 16-byte aligned
+  std::uint64_t first_index;              // the matrix's offset in its group: stochastic rounding's counter
+  typename Prec::master_t* compensation;  // kahan_summation: the compensation of element 0
+  std::uint32_t rounding_tag;             // muon_rounding_tag(muon_part::matrices, its group)
 };
+
+// The host's master_store_ctx of a matrix (muon_optimizer::rounding_ctx); seed and step from device memory, as
+// update.cuh's master_ctx.
+template <class Prec, class T>
+MPOPT_DEVICE MPOPT_FORCEINLINE master_store_ctx<typename Prec::master_t> muon_master_ctx(const muon_entry<Prec, T>& t,
+                                                                                         const step_core& core) {
+  return make_master_store_ctx(group_rounding_key(core.rounding_seed, t.rounding_tag), std::uint64_t(core.step),
+                               t.first_index, t.compensation);
+}
 
 // Elements per thread: 16 bytes of the narrowest stream.
 template <class Prec, class T>
@@ -177,25 +195,29 @@ struct muon_normalise_op {
 template <class Prec, class T>
 struct muon_apply_op {
   using C = typename Prec::compute_t;
+  using master_t = typename Prec::master_t;
   muon_entry<Prec, T> t;
   muon::coeffs<C> k;
   C neg_lr;
+  master_store_ctx<master_t> ctx;  // muon_master_ctx(t, core); unused (not even set) with nearest_rounding
 
   template <int W>
   MPOPT_DEVICE MPOPT_FORCEINLINE void run(std::uint64_t i) const {
-    using master_t = typename Prec::master_t;
     using param_t = typename Prec::param_t;
     const vec<T, W> x = load<T, W>(t.x + i);
     vec<master_t, W> m = load<master_t, W>(t.master + i);
     vec<param_t, W> p;
+    master_store<Prec, W> rounding(t, i);
 #pragma unroll
     for (int e = 0; e < W; ++e) {
       C w = convert<C>(m.v[e]);
+      const C w_old = w;
       muon::apply_update(k, w, convert<C>(x.v[e]), neg_lr);
-      m.v[e] = convert<master_t>(w);  // the master rounded once; the param copy is that rounded master, rounded
+      m.v[e] = rounding.round(w, w_old, ctx, i, e);  // rounded once; the param copy is that master, rounded
       if constexpr (Prec::separate_master) p.v[e] = convert<param_t>(m.v[e]);
     }
     store<master_t, W>(t.master + i, m);
+    rounding.finish(t, i);
     if constexpr (Prec::separate_master) store<param_t, W>(t.param + i, p);
   }
 };
@@ -278,6 +300,7 @@ __global__ void __launch_bounds__(block_threads)
     op.t = entries[e];
     op.k = coeffs[op.t.matrix].k;
     op.neg_lr = coeffs[op.t.matrix].neg_lr;
+    if constexpr (mpopt::cuda::detail::needs_master_ctx_v<Prec>) op.ctx = muon_master_ctx(op.t, *core);
     std::uint64_t begin, end;
     mpopt::cuda::detail::chunk_range(map, c, e, op.t, begin, end);
     for_each_in_chunk<V>(begin, end, op.t.vector_ok != 0, op);
@@ -291,9 +314,6 @@ class muon_optimizer {
                 "grad<..>, state<..>>");
   static_assert(std::is_same_v<typename Prec::compute_t, float>,
                 "mpopt::cuda::muon_optimizer: the compute type must be float");
-  static_assert(std::is_same_v<typename Prec::master_rounding, nearest_rounding>,
-                "mpopt::cuda::muon_optimizer: stochastic_rounding and kahan_summation masters run on the host "
-                "optimizer only so far; use master<T> (nearest_rounding) here");
   static_assert(std::is_same_v<Gemm, muon_gemm<float>> || std::is_same_v<Gemm, muon_gemm<bf16_t>>,
                 "mpopt::cuda::muon_optimizer: the 3rd argument must be muon_gemm<float> or muon_gemm<bf16_t>");
 
@@ -313,9 +333,9 @@ class muon_optimizer {
   using scalars_type = step_scalars<scaler_state_type>;
 
   // Device pointers in the groups. Validates as the host optimizer does (same messages) plus alignment of params and
-  // grads to their element size; allocates the masters, states and the Newton–Schulz workspace (sized for the
-  // largest batch) on the current device, initialises them on `stream` and waits for that: construction is the one
-  // place that synchronises. Throws mpopt::error.
+  // grads to their element size; allocates the masters, states, a kahan_summation master's compensation and the
+  // Newton–Schulz workspace (sized for the largest batch) on the current device, initialises them on `stream` (the
+  // compensation to 0) and waits for that: construction is the one place that synchronises. Throws mpopt::error.
   explicit muon_optimizer(std::vector<matrix_group_type> matrices, std::vector<aux_group_type> aux = {},
                           scaler_args scaler = {}, step_options options = {}, cudaStream_t stream = nullptr)
       : scaler_args_(scaler), options_(options) {
@@ -338,13 +358,7 @@ class muon_optimizer {
     build_aux_tables();
     build_stats_table();
 
-    const scaler_state_type s0 = Scaler::init(scaler_args_);
-    const scalars_type scalars0 = initial_scalars(s0, Scaler::scale(s0, scaler_args_));
-    const device_options options0 = to_device(options_);
-    options_d_ = device_buffer<device_options>(1, "step options");
-    scalars_ = device_buffer<scalars_type>(1, "step scalars");
-    copy_to_device(options_d_.get(), &options0, sizeof options0, "step options", stream);
-    copy_to_device(scalars_.get(), &scalars0, sizeof scalars0, "step scalars", stream);
+    init_step_state<Scaler>(options_, scaler_args_, options_d_, scalars_, stream);
     if (!aux_.empty()) {
       std::vector<adamw::args> args;
       for (const aux_group_type& a : aux_) args.push_back(a.hparams);
@@ -363,14 +377,9 @@ class muon_optimizer {
 
   // Enqueues one whole step on `stream` without synchronising. A launch or cuBLAS failure is kept in last_error().
   void step(cudaStream_t stream) {
-    last_error_ = status::success();
-    note(launch_grad_stats<grad_t>(stats_.entries(), stats_.map(), stats_grid_, Scaler::skips_on_overflow(scaler_args_),
-                                   device_max_grad_norm(), partial_sum_.get(), partial_flag_.get(), stream),
-         "step: launch of the statistics kernel");
-    step_scalars_kernel<adamw, Scaler, compute_t><<<1, block_threads, 0, stream>>>(
-        scalars_.get(), partial_sum_.get(), partial_flag_.get(), stats_grid_, options_d_.get(), scaler_args_,
-        aux_args_d_.get(), aux_coeffs_d_.get(), std::uint32_t(aux_.size()));
-    note(cudaGetLastError(), "step: launch of the step-scalars kernel");
+    last_error_ = enqueue_step_scalars<adamw, Scaler, compute_t>(
+        stats_, stats_grid_, partial_sum_.get(), partial_flag_.get(), scaler_args_, options_d_.get(), scalars_.get(),
+        aux_args_d_.get(), aux_coeffs_d_.get(), std::uint32_t(aux_.size()), stream);
     const step_core* core = reinterpret_cast<const step_core*>(scalars_.get());
     note_cublas(cublasSetStream(blas_.get(), stream), "cublasSetStream");
     for (const batch& b : batches_) run_batch(b, core, stream);
@@ -426,6 +435,14 @@ class muon_optimizer {
     aux_[g].hparams = a;
   }
 
+  // max_grad_norm, deepspeed_scale_order and rounding_seed (the key of a stochastic_rounding master), as the host's.
+  const step_options& options() const noexcept { return options_; }
+  // Validated, then written on `stream` (store_step_options).
+  void set_options(const step_options& o, cudaStream_t stream) {
+    store_step_options(options_d_.get(), o, stream);
+    options_ = o;
+  }
+
   // Device pointers of group g's flat buffers: its master (the param buffer itself when the policy has no separate
   // master) and state j (matrices: 0, the momentum buffer; aux: AdamW's states).
   master_t* master(muon_part part, std::size_t g) const {
@@ -446,6 +463,12 @@ class muon_optimizer {
                                   " group " + std::to_string(g) + " (" + std::to_string(s.states.size()) + " states)"));
     return s.states[std::size_t(j)].get();
   }
+  // kahan_summation: group g's compensation (what rounding dropped from each master element; the group's size, device
+  // memory); null with another master rounding. The host optimizer's compensation(part, g, t) is tensor t of it.
+  master_t* compensation(muon_part part, std::size_t g) const {
+    check_group(part, g);
+    return (part == muon_part::matrices ? matrix_storage_[g] : aux_storage_[g]).compensation.get();
+  }
 
   // Multiply-adds of the Newton–Schulz GEMMs per applied step (for throughput figures).
   double ns_multiply_adds_per_step() const {
@@ -465,7 +488,8 @@ class muon_optimizer {
   using aux_entry_type = tensor_entry<Prec, adamw::max_states>;
 
   struct storage {
-    device_buffer<master_t> master;  // empty when the param buffer is the master
+    device_buffer<master_t> master;        // empty when the param buffer is the master
+    device_buffer<master_t> compensation;  // kahan_summation only: what rounding dropped, per element
     std::vector<device_buffer<state_t>> states;
   };
 
@@ -508,8 +532,6 @@ class muon_optimizer {
     return std::uint32_t(blocks < 4096 ? blocks : 4096);
   }
 
-  const double* device_max_grad_norm() const { return reinterpret_cast<const double*>(options_d_.get()); }
-
   void note(cudaError_t err, const char* what) {
     if (err != cudaSuccess && last_error_.ok()) last_error_ = to_status(err, what);
   }
@@ -525,6 +547,13 @@ class muon_optimizer {
         convert_kernel<master_t, param_t>
             <<<init_grid(n), block_threads, 0, stream>>>(s.master.get(), params, std::uint64_t(n));
         throw_if_cuda_error(cudaGetLastError(), "launch of the master initialisation of " + where);
+      }
+    }
+    if constexpr (std::is_same_v<typename Prec::master_rounding, kahan_summation>) {
+      s.compensation = device_buffer<master_t>(n, "compensation of " + where);
+      if (n > 0) {
+        fill_kernel<master_t><<<init_grid(n), block_threads, 0, stream>>>(s.compensation.get(), master_t{}, n);
+        throw_if_cuda_error(cudaGetLastError(), "launch of the compensation initialisation of " + where);
       }
     }
     for (int j = 0; j < num_states; ++j) {
@@ -632,10 +661,14 @@ class muon_optimizer {
         e.x = result + slot * nm;
         e.n = nm;
         e.matrix = std::uint32_t(mb.index);
+        e.first_index = mb.offset;
+        e.rounding_tag = std::uint32_t(muon_rounding_tag(muon_part::matrices, mb.group));
+        if (master_t* c = compensation(muon_part::matrices, mb.group)) e.compensation = c + mb.offset;
         const bool aligned = is_aligned(e.grad, vector_bytes) && is_aligned(e.momentum, vector_bytes) &&
                              is_aligned(e.master, vector_bytes) && is_aligned(e.u, vector_bytes) &&
                              is_aligned(e.x, vector_bytes) && is_aligned(x_[0].get() + slot * nm, vector_bytes) &&
-                             (!Prec::separate_master || is_aligned(e.param, vector_bytes));
+                             (!Prec::separate_master || is_aligned(e.param, vector_bytes)) &&
+                             is_aligned(e.compensation, vector_bytes);
         e.vector_ok = aligned ? 1u : 0u;
         entries.push_back(e);
       }
@@ -673,7 +706,10 @@ class muon_optimizer {
           aligned = aligned && is_aligned(e.states[j], vector_bytes);
         }
         e.n = aux_[g].size;
-        e.group = std::uint32_t(g);
+        e.group = std::uint32_t(g);  // also the Philox tag: the host's aux tag is the aux group's index
+        e.first_index = 0;           // one entry per group: element i is the group's element i
+        e.compensation = compensation(muon_part::aux, g);
+        aligned = aligned && is_aligned(e.compensation, vector_bytes);
         e.vector_ok = aligned ? 1u : 0u;
         entries.push_back(e);
         elements += aux_[g].size;

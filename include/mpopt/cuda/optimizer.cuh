@@ -8,6 +8,10 @@
 //   3. the fused update (update.cuh): one launch per state count over a device-memory table with one entry per group
 //      (per tensor for LAMB, which adds its ratio kernel and second phase); it returns at once on a skipped step.
 //
+// A master<bf16_t, stochastic_rounding> or master<bf16_t, kahan_summation> stores exactly the host optimizer's bits
+// (policy/rounding.hpp): the same Philox key (step_options.rounding_seed and the group index), counter (element index
+// in the group, step counter as advanced by this step) and compensation buffer.
+//
 // Usage (device pointers in the groups; the stream is the caller's):
 //   mpopt::cuda::optimizer<mpopt::adamw, mpopt::bf16_mixed_policy> opt({group}, {}, options, stream);
 //   opt.step(stream);                           // enqueues the whole step: no synchronisation, capturable
@@ -55,9 +59,6 @@ class optimizer {
   static_assert(is_precision<Prec>::value,
                 "mpopt::cuda::optimizer: the 2nd argument must be an mpopt::precision<param<..>, master<..>, "
                 "grad<..>, state<..>>");
-  static_assert(std::is_same_v<typename Prec::master_rounding, nearest_rounding>,
-                "mpopt::cuda::optimizer: stochastic_rounding and kahan_summation masters run on the host optimizer "
-                "only so far; use master<T> (nearest_rounding) here");
 
  public:
   using rule_type = Rule;
@@ -75,10 +76,10 @@ class optimizer {
   using scalars_type = step_scalars<scaler_state_type>;
 
   // Validates every group as mpopt::optimizer does (same messages), and also that params and grads are aligned to
-  // their element size and are memory the current device can use. Allocates the master (when separate) and the
-  // states on the current device, initialises them as the host does (master = convert(param), states =
-  // Rule::initial_state) on `stream`, and waits for that: construction is the one place that synchronises. The
-  // params must hold their initial values in `stream` order.
+  // their element size and are memory the current device can use. Allocates the master (when separate), the states
+  // and a kahan_summation master's compensation on the current device, initialises them as the host does (master =
+  // convert(param), states = Rule::initial_state, compensation = 0) on `stream`, and waits for that: construction is
+  // the one place that synchronises. The params must hold their initial values in `stream` order.
   explicit optimizer(std::vector<group_type> groups, scaler_args scaler = {}, step_options options = {},
                      cudaStream_t stream = nullptr)
       : scaler_args_(scaler), options_(options) {
@@ -95,16 +96,10 @@ class optimizer {
     const std::size_t ng = groups_.size();
     args_d_ = device_buffer<args_type>(ng, "hyper-parameters");
     coeffs_d_ = device_buffer<coeffs_type>(ng, "rule coefficients");
-    options_d_ = device_buffer<device_options>(1, "step options");
-    scalars_ = device_buffer<scalars_type>(1, "step scalars");
     std::vector<args_type> args(ng);
     for (std::size_t g = 0; g < ng; ++g) args[g] = groups_[g].spec.hparams;
-    const scaler_state_type s0 = Scaler::init(scaler_args_);
-    const scalars_type scalars0 = initial_scalars(s0, Scaler::scale(s0, scaler_args_));
-    const device_options options0 = to_device(options_);
     if (ng > 0) copy_to_device(args_d_.get(), args.data(), args_d_.bytes(), "hyper-parameters", stream);
-    copy_to_device(options_d_.get(), &options0, sizeof options0, "step options", stream);
-    copy_to_device(scalars_.get(), &scalars0, sizeof scalars0, "step scalars", stream);
+    init_step_state<Scaler>(options_, scaler_args_, options_d_, scalars_, stream);
     throw_if_cuda_error(cudaStreamSynchronize(stream), "cudaStreamSynchronize (optimizer construction)");
   }
 
@@ -118,14 +113,9 @@ class optimizer {
   // from the device the optimizer was built on, one stream at a time. Capturable: every launch reads its inputs from
   // device memory. A launch failure is kept in last_error().
   void step(cudaStream_t stream) {
-    last_error_ = status::success();
-    note(launch_grad_stats<grad_t>(stats_.entries(), stats_.map(), stats_grid_, Scaler::skips_on_overflow(scaler_args_),
-                                   device_max_grad_norm(), partial_sum_.get(), partial_flag_.get(), stream),
-         "step: launch of the statistics kernel");
-    step_scalars_kernel<Rule, Scaler, compute_t><<<1, block_threads, 0, stream>>>(
-        scalars_.get(), partial_sum_.get(), partial_flag_.get(), stats_grid_, options_d_.get(), scaler_args_,
-        args_d_.get(), coeffs_d_.get(), std::uint32_t(groups_.size()));
-    note(cudaGetLastError(), "step: launch of the step-scalars kernel");
+    last_error_ = enqueue_step_scalars<Rule, Scaler, compute_t>(
+        stats_, stats_grid_, partial_sum_.get(), partial_flag_.get(), scaler_args_, options_d_.get(), scalars_.get(),
+        args_d_.get(), coeffs_d_.get(), std::uint32_t(groups_.size()), stream);
     const step_core* core = reinterpret_cast<const step_core*>(scalars_.get());
     for (const update_part& part : parts_) {
       if constexpr (Rule::per_tensor) {
@@ -170,12 +160,11 @@ class optimizer {
     groups_[g].spec.hparams = a;
   }
 
+  // max_grad_norm, deepspeed_scale_order and rounding_seed (the key of a stochastic_rounding master) as the host's.
   const step_options& options() const noexcept { return options_; }
-  // As set_hparams: validated, then written on `stream`.
+  // Validated, then written on `stream` (store_step_options).
   void set_options(const step_options& o, cudaStream_t stream) {
-    throw_if_error(mpopt::detail::validate_step_options(o));
-    store_value_kernel<device_options><<<1, 1, 0, stream>>>(options_d_.get(), to_device(o));
-    throw_if_cuda_error(cudaGetLastError(), "set_options: launch of the store kernel");
+    store_step_options(options_d_.get(), o, stream);
     options_ = o;
   }
   const scaler_args& scaler_arguments() const noexcept { return scaler_args_; }
@@ -235,6 +224,12 @@ class optimizer {
     check_group_index(g);
     return groups_[g].num_states;
   }
+  // kahan_summation: group g's compensation (what rounding dropped, per element; size(g) elements, device memory);
+  // null otherwise.
+  master_t* compensation(std::size_t g) const {
+    check_group_index(g);
+    return groups_[g].compensation.get();
+  }
   // The step scalars in device memory, for callers that act on a step's outcome without synchronising.
   const scalars_type* device_scalars() const noexcept { return scalars_.get(); }
   // The loss scale for the next backward, in device memory (1 without a scaler): multiply the loss by it on the
@@ -249,12 +244,12 @@ class optimizer {
 
   static_assert(std::is_standard_layout_v<scalars_type> && offsetof(scalars_type, core) == 0,
                 "step_scalars must start with its step_core: the update kernels read it through a step_core*");
-  static_assert(offsetof(device_options, max_grad_norm) == 0, "the statistics kernel reads max_grad_norm first");
 
   struct group_storage {
     group_type spec;
     int num_states = 0;
-    device_buffer<master_t> master_copy;  // empty when the param buffer is the master
+    device_buffer<master_t> master_copy;   // empty when the param buffer is the master
+    device_buffer<master_t> compensation;  // kahan_summation only: what rounding dropped, per element
     std::vector<device_buffer<state_t>> states;
 
     master_t* master() const {
@@ -328,7 +323,6 @@ class optimizer {
   T* field(std::size_t offset) const {
     return reinterpret_cast<T*>(reinterpret_cast<char*>(scalars_.get()) + offset);
   }
-  const double* device_max_grad_norm() const { return reinterpret_cast<const double*>(options_d_.get()); }
 
   void note(cudaError_t err, const char* what) {
     if (err != cudaSuccess && last_error_.ok()) last_error_ = to_status(err, what);
@@ -350,6 +344,13 @@ class optimizer {
         convert_kernel<master_t, param_t>
             <<<init_grid(n), block_threads, 0, stream>>>(grp.master_copy.get(), spec.params, std::uint64_t(n));
         throw_if_cuda_error(cudaGetLastError(), "launch of the master initialisation of " + where);
+      }
+    }
+    if constexpr (std::is_same_v<typename Prec::master_rounding, kahan_summation>) {
+      grp.compensation = device_buffer<master_t>(n, "compensation of " + where);
+      if (n > 0) {
+        fill_kernel<master_t><<<init_grid(n), block_threads, 0, stream>>>(grp.compensation.get(), master_t{}, n);
+        throw_if_cuda_error(cudaGetLastError(), "launch of the compensation initialisation of " + where);
       }
     }
     for (int j = 0; j < grp.num_states; ++j) {
@@ -379,6 +380,11 @@ class optimizer {
     }
     e.n = n;
     e.group = std::uint32_t(g);
+    e.first_index = offset;
+    if (grp.compensation.get() != nullptr) {
+      e.compensation = grp.compensation.get() + offset;
+      aligned = aligned && is_aligned(e.compensation, vector_bytes);
+    }
     e.vector_ok = aligned ? 1u : 0u;
     return e;
   }

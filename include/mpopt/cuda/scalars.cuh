@@ -8,6 +8,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -22,6 +23,8 @@
 #include "../scaler/unscale_clip.hpp"
 #include "error.cuh"
 #include "launch.cuh"
+#include "memory.cuh"
+#include "reduce.cuh"
 
 namespace mpopt::cuda {
 
@@ -42,6 +45,9 @@ struct step_core {
   std::int32_t reason;     // mpopt::skip_reason
   std::int32_t code;       // mpopt::errc: ok, or scale_at_minimum
   std::int32_t reserved;
+  // step_options.rounding_seed as of this step: with `step`, stochastic rounding's key, read by the update kernels
+  // from here so that set_options needs no new tables and a captured step picks a new seed up.
+  std::uint64_t rounding_seed;
 };
 
 template <class ScalerState>
@@ -89,10 +95,14 @@ struct device_options {
   double max_grad_norm;
   std::int32_t deepspeed_scale_order;
   std::int32_t reserved;
+  std::uint64_t rounding_seed;
 };
 
+static_assert(offsetof(device_options, max_grad_norm) == 0,
+              "the statistics kernel reads max_grad_norm through a const double* to the device_options");
+
 inline device_options to_device(const step_options& o) {
-  return device_options{o.max_grad_norm, o.deepspeed_scale_order ? 1 : 0, 0};
+  return device_options{o.max_grad_norm, o.deepspeed_scale_order ? 1 : 0, 0, o.rounding_seed};
 }
 
 template <class ScalerState>
@@ -104,6 +114,25 @@ step_scalars<ScalerState> initial_scalars(const ScalerState& state, float scale)
   s.core.next_loss_scale = scale;
   s.scaler = state;
   return s;
+}
+
+// Construction of the CUDA optimizers: `options` and the initial step scalars (the scaler's initial state, no step
+// yet) in new device buffers, written on `stream`. The copies read the host values before they return (pageable
+// source); the caller waits for the stream. Throws mpopt::error.
+template <class Scaler>
+void init_step_state(const step_options& options, const typename Scaler::args& scaler_args,
+                     device_buffer<device_options>& options_d,
+                     device_buffer<step_scalars<typename Scaler::state_type>>& scalars_d, cudaStream_t stream) {
+  using scalars_type = step_scalars<typename Scaler::state_type>;
+  options_d = device_buffer<device_options>(1, "step options");
+  scalars_d = device_buffer<scalars_type>(1, "step scalars");
+  const typename Scaler::state_type s0 = Scaler::init(scaler_args);
+  const scalars_type scalars0 = initial_scalars(s0, Scaler::scale(s0, scaler_args));
+  const device_options options0 = to_device(options);
+  throw_if_cuda_error(cudaMemcpyAsync(options_d.get(), &options0, sizeof options0, cudaMemcpyHostToDevice, stream),
+                      "cudaMemcpyAsync(step options, host to device)");
+  throw_if_cuda_error(cudaMemcpyAsync(scalars_d.get(), &scalars0, sizeof scalars0, cudaMemcpyHostToDevice, stream),
+                      "cudaMemcpyAsync(step scalars, host to device)");
 }
 
 // <<<1, block_threads>>>. Sums the statistics partials in a fixed order (thread t takes partials t, t + 256, ...,
@@ -146,6 +175,7 @@ __global__ void __launch_bounds__(block_threads)
     c.clip_coef = 1.0;
     c.applied = 0;
     c.code = int(errc::ok);
+    c.rounding_seed = opt.rounding_seed;
     typename Scaler::state_type next = scalars->scaler;
     const scale_event event = Scaler::update(next, scaler_args, overflow);
     c.event = int(event);
@@ -181,11 +211,40 @@ __global__ void __launch_bounds__(block_threads)
   }
 }
 
+// A step's first two launches on `stream`, the same in every CUDA optimizer: the statistics pass over `stats` (`grid`
+// blocks, partials into partial_sum and partial_flag) and the step-scalars kernel, which also prepares Rule's
+// coefficients of `num_groups` groups from `hparams`. Both are launched whatever the first launch reports; returns
+// the first failure, named for step_result::error.
+template <class Rule, class Scaler, class C, class G>
+status enqueue_step_scalars(const device_table<grad_entry<G>>& stats, std::uint32_t grid, double* partial_sum,
+                            int* partial_flag, const typename Scaler::args& scaler_args, const device_options* options,
+                            step_scalars<typename Scaler::state_type>* scalars, const typename Rule::args* hparams,
+                            typename Rule::template coeffs<C>* coeffs, std::uint32_t num_groups, cudaStream_t stream) {
+  const cudaError_t stats_error =
+      launch_grad_stats<G>(stats.entries(), stats.map(), grid, Scaler::skips_on_overflow(scaler_args),
+                           reinterpret_cast<const double*>(options), partial_sum, partial_flag, stream);
+  step_scalars_kernel<Rule, Scaler, C><<<1, block_threads, 0, stream>>>(
+      scalars, partial_sum, partial_flag, grid, options, scaler_args, hparams, coeffs, num_groups);
+  const cudaError_t scalars_error = cudaGetLastError();
+  // Messages built only on failure: a step allocates nothing.
+  if (stats_error != cudaSuccess) return to_status(stats_error, "step: launch of the statistics kernel");
+  if (scalars_error != cudaSuccess) return to_status(scalars_error, "step: launch of the step-scalars kernel");
+  return status::success();
+}
+
 // Writes one value on the stream. Used for hyper-parameters and options: the value travels as a kernel argument,
 // so the setter needs neither a pinned staging buffer nor a synchronisation, and works inside stream capture.
 template <class T>
 __global__ void store_value_kernel(T* dst, T value) {
   *dst = value;
+}
+
+// set_options of the CUDA optimizers: validates `o` (the host optimizer's messages), then writes it on `stream`, so
+// later steps on that stream use it and a captured graph picks it up at its next replay. Throws mpopt::error.
+inline void store_step_options(device_options* options_d, const step_options& o, cudaStream_t stream) {
+  throw_if_error(mpopt::detail::validate_step_options(o));
+  store_value_kernel<device_options><<<1, 1, 0, stream>>>(options_d, to_device(o));
+  throw_if_cuda_error(cudaGetLastError(), "set_options: launch of the store kernel");
 }
 
 // Sets the scaler state and the scale the next backward reads.

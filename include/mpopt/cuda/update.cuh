@@ -1,18 +1,21 @@
 // The fused update: one pass that reads grad, master and states and writes master, states and the low-precision
 // param copy, for every elementwise rule and precision policy; LAMB's two phases and per-tensor trust ratios. The
 // per-element arithmetic is host::detail::elementwise_range's (and per_tensor_partials' and per_tensor_apply's), step
-// for step: the same convert<> calls and the same Rule functions in the same order. Only loading, vectorising and
+// for step: the same convert<> calls and the same Rule functions in the same order, and the master stored through the
+// same round_master (policy/rounding.hpp) with the same key, step and element index. Only loading, vectorising and
 // storing are added.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cub/block/block_reduce.cuh>
 
 #include "../config.hpp"
 #include "../numeric/convert.hpp"
+#include "../policy/rounding.hpp"
 #include "../rules.hpp"
 #include "launch.cuh"
 #include "scalars.cuh"
@@ -20,7 +23,8 @@
 namespace mpopt::cuda {
 
 // One tensor (or one whole flat group) of the multi-tensor update: the caller's param and grad, the optimizer's
-// master (== param when the policy has no separate master) and states[0, NS).
+// master (== param when the policy has no separate master) and states[0, NS). The last two fields serve a
+// stochastic_rounding or kahan_summation master only (zero otherwise).
 template <class Prec, int MaxStates>
 struct tensor_entry {
   typename Prec::param_t* param;
@@ -30,7 +34,21 @@ struct tensor_entry {
   std::uint64_t n;
   std::uint32_t group;      // index of the group's coefficients
   std::uint32_t vector_ok;  // every stream this entry touches is 16-byte aligned
+  // Index of element 0 within its parameter group, stochastic rounding's counter: the tensor's offset in the group,
+  // plus the shard's offset where a rank holds a shard of it.
+  std::uint64_t first_index;
+  typename Prec::master_t* compensation;  // kahan_summation: the compensation of element 0
 };
+
+// The host's master_store_ctx for an entry (mpopt::optimizer::update_group): the group's key under the seed, the
+// step counter as this step advanced it, the entry's first index and compensation. Seed and step are read from
+// device memory, so a captured step keys each replay with that replay's values.
+template <class Prec, int MS>
+MPOPT_DEVICE MPOPT_FORCEINLINE master_store_ctx<typename Prec::master_t> master_ctx(const tensor_entry<Prec, MS>& t,
+                                                                                    const step_core& core) {
+  return make_master_store_ctx(group_rounding_key(core.rounding_seed, t.group), std::uint64_t(core.step), t.first_index,
+                               t.compensation);
+}
 
 // Elements per thread of the update: 16 bytes of the narrowest of the four roles' types.
 template <class Prec>
@@ -79,6 +97,40 @@ bool dispatch_state_count(int ns, F&& f) {
 
 namespace detail {
 
+// Whether the master's stores read master_ctx (stochastic_rounding and kahan_summation do).
+template <class Prec>
+inline constexpr bool needs_master_ctx_v = !std::is_same_v<typename Prec::master_rounding, nearest_rounding>;
+
+// Stores of the master's W elements at i of an entry (tensor_entry, cuda/muon.cuh's muon_entry: anything with a
+// `compensation` pointer at its element 0): round_master on each new value w (w_old: the value it replaces) with the
+// host's context and index; nearest_rounding is convert<M>(w) and needs no context. Kahan's compensation moves with
+// the master's vector width and is updated in registers.
+template <class Prec, int W>
+struct master_store {
+  using C = typename Prec::compute_t;
+  using M = typename Prec::master_t;
+  static constexpr bool kahan = std::is_same_v<typename Prec::master_rounding, kahan_summation>;
+  vec<M, kahan ? W : 1> comp;
+
+  template <class Entry>
+  MPOPT_DEVICE MPOPT_FORCEINLINE master_store(const Entry& t, std::uint64_t i) {
+    if constexpr (kahan) comp = load<M, W>(t.compensation + i);
+  }
+  MPOPT_DEVICE MPOPT_FORCEINLINE M round(C w, C w_old, const master_store_ctx<M>& ctx, std::uint64_t i, int e) {
+    if constexpr (kahan) {
+      master_store_ctx<M> here = ctx;
+      here.compensation = comp.v;
+      return round_master<kahan_summation>(w, w_old, here, std::uint64_t(e));
+    } else {
+      return round_master<typename Prec::master_rounding>(w, w_old, ctx, i + std::uint64_t(e));
+    }
+  }
+  template <class Entry>
+  MPOPT_DEVICE MPOPT_FORCEINLINE void finish(const Entry& t, std::uint64_t i) const {
+    if constexpr (kahan) store<M, W>(t.compensation + i, comp);
+  }
+};
+
 // host::detail::elementwise_range's body for W consecutive elements at i.
 template <class Rule, class Prec, int NS, int MS>
 struct update_op {
@@ -92,6 +144,7 @@ struct update_op {
   tensor_entry<Prec, MS> t;
   typename Rule::template coeffs<C> k;
   C factor;
+  master_store_ctx<master_t> ctx;  // master_ctx(t, core); unused (not even set) with nearest_rounding
 
   template <int W>
   MPOPT_DEVICE MPOPT_FORCEINLINE void run(std::uint64_t i) const {
@@ -101,22 +154,25 @@ struct update_op {
 #pragma unroll
     for (int j = 0; j < NS; ++j) st[j] = load<state_t, W>(t.states[j] + i);
     vec<param_t, W> p;
+    master_store<Prec, W> rounding(t, i);
 #pragma unroll
     for (int e = 0; e < W; ++e) {
       C s[Rule::max_states > 0 ? Rule::max_states : 1] = {};  // rule/common.hpp: max_states slots, zero beyond NS
 #pragma unroll
       for (int j = 0; j < NS; ++j) s[j] = convert<C>(st[j].v[e]);
       C w = convert<C>(m.v[e]);
+      const C w_old = w;
       const C ge = convert<C>(g.v[e]) * factor;
       Rule::apply(k, w, ge, s);
 #pragma unroll
       for (int j = 0; j < NS; ++j) st[j].v[e] = convert<state_t>(s[j]);
-      m.v[e] = convert<master_t>(w);  // the master rounded once; the param copy is that rounded master, rounded
+      m.v[e] = rounding.round(w, w_old, ctx, i, e);  // rounded once; the param copy is that master, rounded
       if constexpr (Prec::separate_master) p.v[e] = convert<param_t>(m.v[e]);
     }
 #pragma unroll
     for (int j = 0; j < NS; ++j) store<state_t, W>(t.states[j] + i, st[j]);
     store<master_t, W>(t.master + i, m);
+    rounding.finish(t, i);
     if constexpr (Prec::separate_master) store<param_t, W>(t.param + i, p);
   }
 };
@@ -146,6 +202,7 @@ __global__ void __launch_bounds__(block_threads)
     const std::uint32_t e = find_entry(map, c);
     op.t = entries[e];
     op.k = coeffs[op.t.group];
+    if constexpr (detail::needs_master_ctx_v<Prec>) op.ctx = master_ctx(op.t, *core);
     std::uint64_t begin, end;
     detail::chunk_range(map, c, e, op.t, begin, end);
     for_each_in_chunk<V>(begin, end, op.t.vector_ok != 0, op);
@@ -223,6 +280,7 @@ struct per_tensor_phase2_op {
   tensor_entry<Prec, MS> t;
   typename Rule::template coeffs<C> k;
   C ratio;
+  master_store_ctx<master_t> ctx;  // as update_op's
 
   template <int W>
   MPOPT_DEVICE MPOPT_FORCEINLINE void run(std::uint64_t i) const {
@@ -231,17 +289,20 @@ struct per_tensor_phase2_op {
 #pragma unroll
     for (int j = 0; j < NS; ++j) st[j] = load<state_t, W>(t.states[j] + i);
     vec<param_t, W> p;
+    master_store<Prec, W> rounding(t, i);
 #pragma unroll
     for (int e = 0; e < W; ++e) {
       C s[NS];
 #pragma unroll
       for (int j = 0; j < NS; ++j) s[j] = convert<C>(st[j].v[e]);
       C w = convert<C>(m.v[e]);
+      const C w_old = w;
       Rule::apply_direction(k, w, Rule::direction(k, w, s), ratio);
-      m.v[e] = convert<master_t>(w);
+      m.v[e] = rounding.round(w, w_old, ctx, i, e);
       if constexpr (Prec::separate_master) p.v[e] = convert<param_t>(m.v[e]);
     }
     store<master_t, W>(t.master + i, m);
+    rounding.finish(t, i);
     if constexpr (Prec::separate_master) store<param_t, W>(t.param + i, p);
   }
 };
@@ -317,6 +378,7 @@ __global__ void __launch_bounds__(block_threads)
     op.t = entries[e];
     op.k = coeffs[op.t.group];
     op.ratio = ratio[e];
+    if constexpr (detail::needs_master_ctx_v<Prec>) op.ctx = master_ctx(op.t, *core);
     std::uint64_t begin, end;
     detail::chunk_range(map, c, e, op.t, begin, end);
     for_each_in_chunk<update_vector_width<Prec>>(begin, end, op.t.vector_ok != 0, op);

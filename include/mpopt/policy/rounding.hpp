@@ -67,6 +67,27 @@ struct master_store_ctx {
   M* compensation = nullptr;
 };
 
+// The Philox key of the group tagged `group_tag` (< 2^16) under `seed`: the tag in the high 16 bits, so that groups
+// draw independent bits from one seed.
+MPOPT_HOST_DEVICE MPOPT_FORCEINLINE constexpr std::uint64_t group_rounding_key(std::uint64_t seed,
+                                                                               std::uint64_t group_tag) {
+  return seed ^ (group_tag << 48);
+}
+
+// The context for the elements from `first_index` of a group keyed `key`, at step `step` (the step being applied).
+template <class M>
+MPOPT_HOST_DEVICE MPOPT_FORCEINLINE master_store_ctx<M> make_master_store_ctx(std::uint64_t key, std::uint64_t step,
+                                                                              std::uint64_t first_index,
+                                                                              M* compensation) {
+  master_store_ctx<M> ctx;
+  ctx.key[0] = std::uint32_t(key);
+  ctx.key[1] = std::uint32_t(key >> 32);
+  ctx.step = step;
+  ctx.first_index = first_index;
+  ctx.compensation = compensation;
+  return ctx;
+}
+
 // The stored master for the new weight w (compute type) of element i of the context, whose old stored value widened
 // is w_old. The one place the rounding options act; both backends call it.
 template <class Rounding, class M, class C>
