@@ -157,6 +157,25 @@ MPOPT_FORCEINLINE void convert_n(const From* __restrict in, To* __restrict out, 
   for (std::size_t i = 0; i < n; ++i) out[i] = convert<To>(in[i]);
 }
 
+#if defined(MPOPT_BF16_NARROW_AVX512)
+// float -> bf16 with the CPU's conversion instruction where the build targets one (numeric/bf16.hpp): same bits.
+MPOPT_FORCEINLINE void convert_n(const float* __restrict in, bf16_t* __restrict out, std::size_t n) {
+  mpopt::detail::float_to_bf16_rn_avx512(in, out, n);
+}
+#endif
+
+// The array itself where it already holds the compute type C, else the tile buffer it is staged in.
+template <class T, class C>
+MPOPT_FORCEINLINE auto staged_or_direct(T* array, C* buffer) {
+  if constexpr (std::is_same_v<std::remove_const_t<T>, C>) {
+    (void)buffer;
+    return array;
+  } else {
+    (void)array;
+    return buffer;
+  }
+}
+
 template <class Rule, class Prec, int NS, class View, class Coeffs, class C>
 void elementwise_range(const View& v, const Coeffs& k, C grad_factor, std::size_t begin, std::size_t end) {
   using master_t = typename Prec::master_t;
@@ -174,32 +193,49 @@ void elementwise_range(const View& v, const Coeffs& k, C grad_factor, std::size_
     elementwise_loop<Rule, NS>(v.master + begin, v.grad + begin, st0, st1, st2, k, grad_factor, end - begin);
     if constexpr (Prec::separate_master) convert_n(v.master + begin, v.param + begin, end - begin);
   } else {
-    // 16-bit elements: GCC does not vectorise a loop that loads and stores 16-bit structs among float math, so a
-    // tile is widened into compute-type arrays, updated by the all-compute loop, and narrowed back. The roundings
-    // are the same, in the same places, as element by element.
-    constexpr std::size_t tile = 256;  // 6 arrays of 1 KiB: in L1 with the 16-bit tiles they come from
+    // 16-bit arrays: GCC does not vectorise a loop that loads and stores 16-bit structs among float math, so a tile
+    // of each is widened into a compute-type buffer, updated by the all-compute loop with the compute-type arrays
+    // (in place: no copies), and narrowed back. The roundings are the same, in the same places, as element by
+    // element.
+    constexpr bool stage_w = !std::is_same_v<master_t, C>, stage_g = !std::is_same_v<grad_t, C>,
+                   stage_s = !std::is_same_v<state_t, C>;
+    // Measured on Zen 5 (bench/RESULTS.md, host): with every array staged, 128 lets more of the conversions overlap
+    // the division-bound update than 256; with fewer, 256 is faster. Either way the buffers stay in L1.
+    constexpr std::size_t tile = stage_w && stage_g && stage_s ? 128 : 256;
     constexpr bool plain_store = std::is_same_v<typename Prec::master_rounding, nearest_rounding>;
-    alignas(64) C w[tile], g[tile], s0[tile], s1[tile], s2[tile], w_old[plain_store ? 1 : tile];
+    static_assert(plain_store || stage_w,
+                  "elementwise_range: stochastic or Kahan master rounding needs a 16-bit master");
+    alignas(64) C w[stage_w ? tile : 1], g[stage_g ? tile : 1], s0[stage_s ? tile : 1], s1[stage_s ? tile : 1],
+        s2[stage_s ? tile : 1], w_old[plain_store ? 1 : tile];
+    // Locals: the vector narrowing stores through may_alias types, after which v's members would be reloaded.
+    master_t* const master = v.master;
+    const grad_t* const grad = v.grad;
+    typename Prec::param_t* const param = v.param;
     for (std::size_t t = 0; t < end - begin; t += tile) {
       const std::size_t n = std::min(tile, end - begin - t);
       const std::size_t at = begin + t;
-      convert_n(v.master + at, w, n);
+      C* const wt = staged_or_direct(master + at, w);
+      const C* const gt = staged_or_direct(grad + at, g);
+      C* const s0t = NS > 0 ? staged_or_direct(st0 + t, s0) : s0;
+      C* const s1t = NS > 1 ? staged_or_direct(st1 + t, s1) : s1;
+      C* const s2t = NS > 2 ? staged_or_direct(st2 + t, s2) : s2;
+      if constexpr (stage_w) convert_n(master + at, w, n);
       if constexpr (!plain_store) std::copy(w, w + n, w_old);
-      convert_n(v.grad + at, g, n);
-      if constexpr (NS > 0) convert_n(st0 + t, s0, n);
-      if constexpr (NS > 1) convert_n(st1 + t, s1, n);
-      if constexpr (NS > 2) convert_n(st2 + t, s2, n);
-      elementwise_loop<Rule, NS>(w, g, s0, s1, s2, k, grad_factor, n);
-      if constexpr (NS > 0) convert_n(s0, st0 + t, n);
-      if constexpr (NS > 1) convert_n(s1, st1 + t, n);
-      if constexpr (NS > 2) convert_n(s2, st2 + t, n);
-      if constexpr (plain_store) {
-        convert_n(w, v.master + at, n);
-      } else {
+      if constexpr (stage_g) convert_n(grad + at, g, n);
+      if constexpr (stage_s && NS > 0) convert_n(st0 + t, s0, n);
+      if constexpr (stage_s && NS > 1) convert_n(st1 + t, s1, n);
+      if constexpr (stage_s && NS > 2) convert_n(st2 + t, s2, n);
+      elementwise_loop<Rule, NS>(wt, gt, s0t, s1t, s2t, k, grad_factor, n);
+      if constexpr (stage_s && NS > 0) convert_n(s0, st0 + t, n);
+      if constexpr (stage_s && NS > 1) convert_n(s1, st1 + t, n);
+      if constexpr (stage_s && NS > 2) convert_n(s2, st2 + t, n);
+      if constexpr (stage_w && plain_store) {
+        convert_n(w, master + at, n);
+      } else if constexpr (stage_w) {
         for (std::size_t i = 0; i < n; ++i)
-          v.master[at + i] = round_master<typename Prec::master_rounding>(w[i], w_old[i], v.rounding, at + i);
+          master[at + i] = round_master<typename Prec::master_rounding>(w[i], w_old[i], v.rounding, at + i);
       }
-      if constexpr (Prec::separate_master) convert_n(v.master + at, v.param + at, n);
+      if constexpr (Prec::separate_master) convert_n(master + at, param + at, n);
     }
   }
 }
