@@ -31,7 +31,7 @@ std::uint16_t reference_bf16(std::uint32_t u) {
 std::size_t check_patterns(const std::vector<std::uint32_t>& bits, std::size_t shift = 0) {
   const std::size_t n = bits.size();
   std::vector<float> in(n + shift);
-  std::memcpy(in.data() + shift, bits.data(), n * sizeof(float));
+  if (n > 0) std::memcpy(in.data() + shift, bits.data(), n * sizeof(float));  // bits.data() may be null when empty
   std::vector<bf16_t> out(n + shift);
   mpopt::host::detail::convert_n(in.data() + shift, out.data() + shift, n);
   std::size_t bad = 0;
