@@ -367,7 +367,11 @@ class muon_optimizer {
 
   step_result step() {
     const bool need_stats = Scaler::skips_on_overflow(scaler_args_) || options_.max_grad_norm > 0;
-    if (!has_reduced_) exchange_grads();
+    if (!has_reduced_) {
+      exchange_grads();
+      // Stage 2 accumulates into `reduced_`: what the exchange wrote there is consumed (zeroed) after this step.
+      has_reduced_ = zero_.stage >= 2 && world_ > 1;
+    }
     double sum_sq = 0.0;
     if (need_stats) {
       for (std::size_t i = 0; i < items_.size(); ++i) {
@@ -830,7 +834,7 @@ class muon_optimizer {
   std::size_t total_elements_ = 0;
 
   host::aligned_buffer<grad_t> reduced_;  // the reduced grads of the held tensors (world > 1, or stage 2)
-  bool has_reduced_ = false;              // stage 2: reduce_grads() since the last step
+  bool has_reduced_ = false;              // stage 2: `reduced_` holds grads no step has consumed
   host::aligned_buffer<master_t> master_copy_, compensation_;
   host::aligned_buffer<state_t> momentum_;
   std::vector<host::aligned_buffer<state_t>> adam_states_;  // exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad groups)

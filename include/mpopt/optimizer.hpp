@@ -7,9 +7,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <map>
 #include <string>
-#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -24,6 +22,7 @@
 #include "policy/precision.hpp"
 #include "scaler/scalers.hpp"
 #include "scaler/unscale_clip.hpp"
+#include "zero/live_gathers.hpp"
 #include "zero/partition.hpp"
 
 namespace mpopt {
@@ -152,6 +151,20 @@ inline status validate_zero_options(const zero_options& z) {
   return status::success();
 }
 
+// memory(): one group's bytes by role, from the group records of the host and CUDA optimizers (the same members).
+template <class Prec, class Group>
+void add_group_memory(memory_report& m, const Group& grp, int stage) {
+  m.params += (stage == 3 ? grp.part.shard : grp.spec.size) * sizeof(typename Prec::param_t);
+  if (stage >= 2) {
+    m.grads += grp.reduced.size() * sizeof(typename Prec::grad_t);
+  } else {
+    m.grads += grp.spec.size * sizeof(typename Prec::grad_t);
+    m.workspace += grp.reduced.size() * sizeof(typename Prec::grad_t);
+  }
+  m.master += (grp.master_copy.size() + grp.compensation.size()) * sizeof(typename Prec::master_t);
+  m.states += std::size_t(grp.num_states) * grp.held * sizeof(typename Prec::state_t);
+}
+
 // The part of step() every backend shares, between the grad statistics and the update: overflow and skip, the
 // scaler's state machine, and the combined unscale + clip factor. Advances `state` unless error_at_min fires.
 struct step_plan {
@@ -196,13 +209,13 @@ step_plan plan_step(typename Scaler::state_type& state, const typename Scaler::a
 }
 
 // Every rank must construct the same groups the same way (tag: e.g. the ZeRO stage); a mismatch would hang or
-// corrupt the collectives. Collective; throws on every rank when they differ.
+// corrupt the collectives. The layout's hash as 4 doubles: max over ranks of both 32-bit halves and of their
+// negations, so after an all-reduce (max) they agree iff every rank has the same hash.
 template <class Rule, class Prec>
-void check_same_layout(comm::communicator& comm, int tag, const std::vector<param_group<Rule, Prec>>& groups) {
-  if (comm.size() == 1) return;
+void layout_words(int tag, const std::vector<param_group<Rule, Prec>>& groups, double (&v)[4]) {
   std::uint64_t h = 1469598103934665603ull;  // FNV-1a over the layout
-  auto mix = [&h](std::uint64_t v) {
-    for (int b = 0; b < 8; ++b) h = (h ^ ((v >> (8 * b)) & 0xff)) * 1099511628211ull;
+  auto mix = [&h](std::uint64_t x) {
+    for (int b = 0; b < 8; ++b) h = (h ^ ((x >> (8 * b)) & 0xff)) * 1099511628211ull;
   };
   mix(std::uint64_t(tag));
   mix(groups.size());
@@ -212,13 +225,28 @@ void check_same_layout(comm::communicator& comm, int tag, const std::vector<para
     for (std::size_t s : spec.tensor_sizes) mix(s);
     mix(std::uint64_t(Rule::num_states(spec.hparams)));
   }
-  // max and -min of both 32-bit halves in one all-reduce: they agree iff every rank has the same hash.
-  double v[4] = {double(h >> 32), double(h & 0xffffffffu), -double(h >> 32), -double(h & 0xffffffffu)};
-  comm.all_reduce(v, 4, comm::reduce_op::max);
+  v[0] = double(h >> 32);
+  v[1] = double(h & 0xffffffffu);
+  v[2] = -v[0];
+  v[3] = -v[1];
+}
+
+// Throws on every rank when the all-reduced layout_words disagree.
+inline void check_layout_words(const double (&v)[4]) {
   if (v[0] != -v[2] || v[1] != -v[3])
     throw error(
         status::invalid("ranks disagree on the group layout (number of groups, sizes, tensor_sizes, optimizer "
                         "states or zero_options.stage); every rank must construct the same"));
+}
+
+// Collective over a host communicator; throws on every rank when the layouts differ.
+template <class Rule, class Prec>
+void check_same_layout(comm::communicator& comm, int tag, const std::vector<param_group<Rule, Prec>>& groups) {
+  if (comm.size() == 1) return;
+  double v[4];
+  layout_words(tag, groups, v);
+  comm.all_reduce(v, 4, comm::reduce_op::max);
+  check_layout_words(v);
 }
 
 // The type grads travel in when reduced across ranks: wide enough that W equal grads sum exactly.
@@ -437,54 +465,25 @@ class optimizer {
       throw error(status::invalid("gather: params are sharded only at ZeRO stage 3, this optimizer is at stage " +
                                   std::to_string(zero_.stage)));
     const zero::range r = tensor_range(g, first, last, "gather");
-    const auto key = std::make_tuple(g, first, last);
-    auto it = live_.find(key);
-    if (it != live_.end()) {
-      ++it->second.uses;
-      return it->second.data.data();
-    }
-    if (live_elements_ + r.size() > zero_.max_live_elements)
-      throw error(status::invalid("gather: group " + std::to_string(g) + " tensors [" + std::to_string(first) + ", " +
-                                  std::to_string(last) + ") need " + std::to_string(r.size()) + " elements but " +
-                                  std::to_string(live_elements_) + " of zero_options.max_live_elements = " +
-                                  std::to_string(zero_.max_live_elements) + " are gathered; release some first"));
+    if (host::aligned_buffer<param_t>* again = live_.reuse(g, first, last)) return again->data();
+    live_.check_room(g, first, last, r.size(), zero_.max_live_elements);
     group& grp = groups_[g];
-    live_gather entry{host::aligned_buffer<param_t>(r.size()), 1};
+    host::aligned_buffer<param_t> full(r.size());
     const zero::range mine = zero::intersect(r, grp.local);
     if (!mine.empty())
       std::copy(grp.param_shard.data() + (mine.begin - grp.local.begin),
-                grp.param_shard.data() + (mine.end - grp.local.begin), entry.data.data() + (mine.begin - r.begin));
-    all_gather_range(grp, r, entry.data.data());
-    live_elements_ += r.size();
-    return live_.emplace(key, std::move(entry)).first->second.data.data();
+                grp.param_shard.data() + (mine.end - grp.local.begin), full.data() + (mine.begin - r.begin));
+    all_gather_range(grp, r, full.data());
+    return live_.add(g, first, last, std::move(full)).data();
   }
 
-  void release(std::size_t g, std::size_t first, std::size_t last) {
-    auto it = live_.find(std::make_tuple(g, first, last));
-    if (it == live_.end())
-      throw error(status::invalid("release: group " + std::to_string(g) + " tensors [" + std::to_string(first) + ", " +
-                                  std::to_string(last) + ") are not gathered"));
-    if (--it->second.uses > 0) return;
-    live_elements_ -= it->second.data.size();
-    live_.erase(it);
-  }
-  std::size_t live_elements() const noexcept { return live_elements_; }
+  void release(std::size_t g, std::size_t first, std::size_t last) { live_.release(g, first, last); }
+  std::size_t live_elements() const noexcept { return live_.elements(); }
 
   memory_report memory() const {
     memory_report m;
-    for (const group& grp : groups_) {
-      const std::size_t held = grp.held;
-      m.params += (zero_.stage == 3 ? grp.part.shard : grp.spec.size) * sizeof(param_t);
-      if (zero_.stage >= 2) {
-        m.grads += grp.reduced.size() * sizeof(grad_t);
-      } else {
-        m.grads += grp.spec.size * sizeof(grad_t);
-        m.workspace += grp.reduced.size() * sizeof(grad_t);
-      }
-      m.master += (grp.master_copy.size() + grp.compensation.size()) * sizeof(master_t);
-      m.states += std::size_t(grp.num_states) * held * sizeof(state_t);
-    }
-    m.workspace += (send_.size() + recv_.size()) * sizeof(reduce_type) + live_elements_ * sizeof(param_t);
+    for (const group& grp : groups_) detail::add_group_memory<Prec>(m, grp, zero_.stage);
+    m.workspace += (send_.size() + recv_.size()) * sizeof(reduce_type) + live_.elements() * sizeof(param_t);
     return m;
   }
 
@@ -581,7 +580,7 @@ class optimizer {
     host::aligned_buffer<master_t> compensation;  // kahan_summation: what rounding dropped, per held element
     host::aligned_buffer<param_t> param_shard;    // stage 3: this rank's params
     host::aligned_buffer<grad_t> reduced;         // the reduced grads of `local` (none at world size 1, stages 0-1)
-    bool has_reduced = false;                     // stages 2-3: reduce_grads() since the last step
+    bool has_reduced = false;                     // stages 2-3: `reduced` holds grads no step has consumed
     std::vector<host::aligned_buffer<state_t>> states;
     int num_states = 0;
     zero::partition reduce_part;              // how grads are reduce-scattered (stage 0: over all ranks)
@@ -605,11 +604,6 @@ class optimizer {
       }
     }
     const master_t* master() const { return const_cast<group*>(this)->master(); }
-  };
-
-  struct live_gather {
-    host::aligned_buffer<param_t> data;
-    int uses = 0;
   };
 
   static comm::communicator& own_single_rank() {
@@ -751,6 +745,7 @@ class optimizer {
                                       " has no grads: call reduce_grads() or set param_group::grads"));
         if (world_ == 1) return grp.spec.grads;
         reduce_range(grp, zero::range{0, grp.spec.size}, grp.spec.grads, false);
+        grp.has_reduced = true;  // consumed (zeroed) after the step, so a later reduce_grads() starts from zero
       }
       return grp.reduced.data();
     }
@@ -838,8 +833,7 @@ class optimizer {
   std::vector<const grad_t*> step_grads_;
   host::aligned_buffer<reduce_type> send_, recv_;  // reduction workspace, bucket_elements each at most
   std::vector<std::size_t> counts_;                // per-rank counts of one collective (workspace)
-  std::map<std::tuple<std::size_t, std::size_t, std::size_t>, live_gather> live_;
-  std::size_t live_elements_ = 0;
+  zero::live_gathers<host::aligned_buffer<param_t>> live_;
 };
 
 }  // namespace mpopt

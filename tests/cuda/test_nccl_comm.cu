@@ -10,28 +10,11 @@
 #include "gpu_test.cuh"
 #include "mpopt/comm/nccl.cuh"
 #include "mpopt/numeric/convert.hpp"
+#include "nccl_support.cuh"
 
 namespace {
 
 using mpopt::comm::reduce_op;
-
-// One NCCL rank on device 0, owned by the communicator, on a fresh stream.
-struct world_of_one {
-  cudaStream_t stream = nullptr;
-  std::unique_ptr<mpopt::comm::nccl> comm;
-
-  world_of_one() {
-    MPOPT_CUDA_REQUIRE(cudaSetDevice(0));
-    MPOPT_CUDA_REQUIRE(cudaStreamCreate(&stream));
-    ncclUniqueId id;
-    REQUIRE(ncclGetUniqueId(&id) == ncclSuccess);
-    comm = std::make_unique<mpopt::comm::nccl>(id, 1, 0, stream);
-  }
-  ~world_of_one() {
-    comm.reset();  // before the stream it uses
-    cudaStreamDestroy(stream);
-  }
-};
 
 template <class T>
 struct device_buffer {
@@ -71,7 +54,7 @@ std::vector<unsigned> bits(const std::vector<mpopt::bf16_t>& v) {
 }  // namespace
 
 TEST_CASE("nccl at one rank: collectives keep the data, count calls, move nothing") {
-  world_of_one w;
+  mpopt_test::nccl_world_of_one w;
   mpopt::comm::nccl& c = *w.comm;
   CHECK(c.rank() == 0);
   CHECK(c.size() == 1);

@@ -5,6 +5,7 @@
 // and copies the state to the device. So a checkpoint moves freely between the backends, and between one GPU and any
 // world size and ZeRO stage of the host optimizer.
 //
+// A CUDA optimizer sharded by ZeRO over several ranks is refused (errc::unsupported): the mirror holds one rank.
 // Both synchronise `stream` and hold one host copy of the state while they run (master, states and params, plus
 // one group's worth of zero grads that the host optimizer requires and never reads).
 #pragma once
@@ -52,7 +53,14 @@ struct cuda_mirror {
     zero_grads.assign(largest, typename Prec::grad_t{});
     std::vector<param_group<Rule, Prec>> groups;
     for (std::size_t g = 0; g < opt.num_groups(); ++g) {
-      params.push_back(to_host(opt.params(g), opt.size(g), "params", stream));
+      if (opt.local_range(g).size() != opt.size(g))
+        throw error(status{errc::unsupported,
+                           "checkpoint: group " + std::to_string(g) + " is sharded over " +
+                               std::to_string(opt.layout(g).world) + " ranks (ZeRO stage " +
+                               std::to_string(opt.zero().stage) +
+                               "); checkpoints of a sharded CUDA optimizer are not implemented yet (one rank, or "
+                               "stage 0, saves and loads)"});
+      params.push_back(to_host(opt.local_params(g), opt.size(g), "params", stream));
       groups.push_back({params.back().data(), zero_grads.data(), opt.size(g), opt.tensor_sizes(g), opt.hparams(g)});
     }
     host.emplace(std::move(groups), opt.scaler_arguments(), opt.options());
@@ -103,7 +111,7 @@ void load(cuda::optimizer<Rule, Prec, Scaler>& opt, const std::string& dir, cons
     const std::size_t n = opt.size(g);
     detail::copy_to_device(opt.master(g), m.host->master(g), n, "master", stream);
     if constexpr (Prec::separate_master)  // the host rewrote its param copy from the loaded master
-      detail::copy_to_device(opt.params(g), m.params[g].data(), n, "params", stream);
+      detail::copy_to_device(opt.local_params(g), m.params[g].data(), n, "params", stream);
     if constexpr (detail::cuda_mirror<Rule, Prec, Scaler>::kahan)
       detail::copy_to_device(opt.compensation(g), m.host->compensation(g), n, "compensation", stream);
     for (int j = 0; j < opt.num_states(g); ++j)

@@ -61,6 +61,9 @@ class communicator {
   virtual int size() const = 0;
   virtual memory_space memory() const = 0;
   virtual std::string name() const = 0;
+  // A device communicator's stream (a cudaStream_t; null is the legacy default stream), on which its collectives are
+  // ordered: a CUDA optimizer enqueues its kernels there too. Null for host communicators.
+  virtual void* device_stream() const { return nullptr; }
 
   virtual void all_reduce(void* buf, std::size_t count, dtype t, reduce_op op) = 0;
   virtual void reduce_scatter(const void* send, void* recv, const std::size_t* counts, dtype t, reduce_op op) = 0;

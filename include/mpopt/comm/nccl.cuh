@@ -57,6 +57,7 @@ class nccl final : public communicator {
   // new stream as its kernels need.
   cudaStream_t stream() const noexcept { return stream_; }
   void set_stream(cudaStream_t s) noexcept { stream_ = s; }
+  void* device_stream() const override { return stream_; }
 
   void all_reduce(void* buf, std::size_t count, dtype t, reduce_op op) override {
     count_all_reduce(count, t);

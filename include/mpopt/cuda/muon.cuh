@@ -527,11 +527,6 @@ class muon_optimizer {
                         std::string("cudaMemcpyAsync(") + what + ", host to device)");
   }
 
-  static std::uint32_t init_grid(std::size_t n) {
-    const std::size_t blocks = (n + block_threads - 1) / block_threads;
-    return std::uint32_t(blocks < 4096 ? blocks : 4096);
-  }
-
   void note(cudaError_t err, const char* what) {
     if (err != cudaSuccess && last_error_.ok()) last_error_ = to_status(err, what);
   }
@@ -541,28 +536,13 @@ class muon_optimizer {
 
   storage make_storage(param_t* params, std::size_t n, int num_states, const std::string& where, cudaStream_t stream) {
     storage s;
-    if constexpr (Prec::separate_master) {
-      s.master = device_buffer<master_t>(n, "master of " + where);
-      if (n > 0) {
-        convert_kernel<master_t, param_t>
-            <<<init_grid(n), block_threads, 0, stream>>>(s.master.get(), params, std::uint64_t(n));
-        throw_if_cuda_error(cudaGetLastError(), "launch of the master initialisation of " + where);
-      }
-    }
-    if constexpr (std::is_same_v<typename Prec::master_rounding, kahan_summation>) {
-      s.compensation = device_buffer<master_t>(n, "compensation of " + where);
-      if (n > 0) {
-        fill_kernel<master_t><<<init_grid(n), block_threads, 0, stream>>>(s.compensation.get(), master_t{}, n);
-        throw_if_cuda_error(cudaGetLastError(), "launch of the compensation initialisation of " + where);
-      }
-    }
-    for (int j = 0; j < num_states; ++j) {
-      s.states.emplace_back(n, "state " + std::to_string(j) + " of " + where);
-      if (n > 0) {
-        fill_kernel<state_t><<<init_grid(n), block_threads, 0, stream>>>(s.states.back().get(), state_t(0.0f), n);
-        throw_if_cuda_error(cudaGetLastError(), "launch of the state initialisation of " + where);
-      }
-    }
+    if constexpr (Prec::separate_master)
+      s.master = converted_buffer<master_t>(n, params, n, "master of " + where, stream);
+    if constexpr (std::is_same_v<typename Prec::master_rounding, kahan_summation>)
+      s.compensation = filled_buffer<master_t>(n, master_t{}, "compensation of " + where, stream);
+    for (int j = 0; j < num_states; ++j)
+      s.states.push_back(
+          filled_buffer<state_t>(n, state_t(0.0f), "state " + std::to_string(j) + " of " + where, stream));
     return s;
   }
 

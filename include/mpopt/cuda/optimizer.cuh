@@ -17,6 +17,15 @@
 //   opt.step(stream);                           // enqueues the whole step: no synchronisation, capturable
 //   mpopt::step_result r = opt.result(stream);  // optional: copies the outcome back and waits for the stream
 //
+// ZeRO (stages 0-3, mpopt::zero_options) over a device-memory communicator (comm::nccl), with the host optimizer's
+// semantics and layout (zero/partition.hpp): grads are reduce-scattered in fp32 (fp64 for fp32 grads) bucket by
+// bucket and averaged, each rank updates its shard, and stages 1-2 all-gather the updated params. The statistics
+// partials of every rank are all-gathered before the step-scalars kernel, so every rank sums the same partials in the
+// same order and reaches the same decision (overflow skip, clip factor). The collectives are enqueued on the
+// communicator's stream, which must be the stream of construction and of every step(): the step stays free of host
+// synchronisation and capturable (NCCL supports graph capture). LAMB's per-tensor trust ratios would need sums across
+// shards: a per-tensor rule is refused at stages 1-3 on more than one rank.
+//
 // Errors: construction and the setters throw mpopt::error (bad input: errc::invalid_argument with the host
 // optimizer's messages; a CUDA failure: errc::unsupported naming the call). step() cannot throw on a launch failure
 // it only learns about later, so it returns nothing and keeps the first failure of its launches in last_error();
@@ -34,6 +43,7 @@
 #include <utility>
 #include <vector>
 
+#include "../comm/communicator.hpp"
 #include "../error.hpp"
 #include "../numeric/convert.hpp"
 #include "../numeric/traits.hpp"
@@ -41,6 +51,8 @@
 #include "../policy/precision.hpp"
 #include "../rules.hpp"
 #include "../scaler/scalers.hpp"
+#include "../zero/live_gathers.hpp"
+#include "../zero/partition.hpp"
 #include "error.cuh"
 #include "launch.cuh"
 #include "memory.cuh"
@@ -83,24 +95,22 @@ class optimizer {
   explicit optimizer(std::vector<group_type> groups, scaler_args scaler = {}, step_options options = {},
                      cudaStream_t stream = nullptr)
       : scaler_args_(scaler), options_(options) {
-    throw_if_error(Scaler::validate(scaler_args_));
-    throw_if_error(mpopt::detail::validate_step_options(options_));
-    for (std::size_t g = 0; g < groups.size(); ++g) throw_if_error(validate_group(groups[g], g));
-    throw_if_cuda_error(cudaGetDevice(&device_), "cudaGetDevice");
-    for (std::size_t g = 0; g < groups.size(); ++g) throw_if_error(check_memory(groups[g], g, device_));
+    init(std::move(groups), stream);
+  }
 
-    groups_.reserve(groups.size());
-    for (std::size_t g = 0; g < groups.size(); ++g) groups_.push_back(make_group(std::move(groups[g]), g, stream));
-    build_tables();
-
-    const std::size_t ng = groups_.size();
-    args_d_ = device_buffer<args_type>(ng, "hyper-parameters");
-    coeffs_d_ = device_buffer<coeffs_type>(ng, "rule coefficients");
-    std::vector<args_type> args(ng);
-    for (std::size_t g = 0; g < ng; ++g) args[g] = groups_[g].spec.hparams;
-    if (ng > 0) copy_to_device(args_d_.get(), args.data(), args_d_.bytes(), "hyper-parameters", stream);
-    init_step_state<Scaler>(options_, scaler_args_, options_d_, scalars_, stream);
-    throw_if_cuda_error(cudaStreamSynchronize(stream), "cudaStreamSynchronize (optimizer construction)");
+  // ZeRO over `comm`, a device-memory communicator (comm::nccl) that outlives the optimizer; `stream` must be the
+  // communicator's stream. Collective: every rank constructs with the same group layout (checked: a mismatch throws
+  // on every rank) and its own device buffers. Stages 2-3 accept groups without grads (reduce_grads() feeds them).
+  optimizer(std::vector<group_type> groups, comm::communicator& comm, zero_options zero, scaler_args scaler = {},
+            step_options options = {}, cudaStream_t stream = nullptr)
+      : comm_(&comm), zero_(zero), scaler_args_(scaler), options_(options) {
+    if (comm.memory() != comm::memory_space::device)
+      throw error(status::invalid("the CUDA optimizer needs a device-memory communicator (nccl), got " + comm.name()));
+    throw_if_error(mpopt::detail::validate_zero_options(zero_));
+    rank_ = comm.rank();
+    world_ = comm.size();
+    check_stream(stream, "construction");
+    init(std::move(groups), stream);
   }
 
   optimizer(const optimizer&) = delete;
@@ -111,11 +121,25 @@ class optimizer {
 
   // Enqueues one whole step on `stream` (statistics, scalars, update) and returns without synchronising. Call it
   // from the device the optimizer was built on, one stream at a time. Capturable: every launch reads its inputs from
-  // device memory. A launch failure is kept in last_error().
+  // device memory. A launch failure is kept in last_error(). With ZeRO it also enqueues the grad reduction (unless
+  // reduce_grads() fed this step), the statistics all-gather and, at stages 1-2, the param all-gather, on the
+  // communicator's stream (which `stream` must be); it throws mpopt::error when a collective cannot be enqueued.
   void step(cudaStream_t stream) {
-    last_error_ = enqueue_step_scalars<Rule, Scaler, compute_t>(
-        stats_, stats_grid_, partial_sum_.get(), partial_flag_.get(), scaler_args_, options_d_.get(), scalars_.get(),
-        args_d_.get(), coeffs_d_.get(), std::uint32_t(groups_.size()), stream);
+    last_error_ = status::success();
+    if (comm_ != nullptr) {
+      check_stream(stream, "step");
+      for (std::size_t g = 0; g < groups_.size(); ++g) reduce_step_grads(g, stream);
+    }
+    const std::uint32_t offset = sharded() ? std::uint32_t(rank_) * stats_grid_ : 0u;
+    const std::uint32_t count = sharded() ? std::uint32_t(world_) * stats_grid_ : stats_grid_;
+    const status scalars_status = enqueue_step_scalars<Rule, Scaler, compute_t>(
+        stats_, stats_grid_, stats_partials{partial_sum_.get(), partial_flag_.get(), offset, count}, scaler_args_,
+        options_d_.get(), scalars_.get(), args_d_.get(), coeffs_d_.get(), std::uint32_t(groups_.size()), stream, [&] {
+          if (!sharded()) return;
+          comm_->all_gather_bytes(partial_sum_.get(), stats_grid_ * sizeof(double));
+          comm_->all_gather_bytes(partial_flag_.get(), stats_grid_ * sizeof(int));
+        });
+    if (last_error_.ok()) last_error_ = scalars_status;
     const step_core* core = reinterpret_cast<const step_core*>(scalars_.get());
     for (const update_part& part : parts_) {
       if constexpr (Rule::per_tensor) {
@@ -131,6 +155,85 @@ class optimizer {
         });
       }
     }
+    if (comm_ == nullptr) return;
+    for (group_storage& grp : groups_) {
+      // A skipped step gathers unchanged params: cheaper than a host synchronisation to learn that it skipped.
+      if ((zero_.stage == 1 || zero_.stage == 2) && world_ > 1)
+        all_gather_range(grp, zero::range{0, grp.spec.size}, grp.spec.params);
+      consume_grads(grp, stream);
+    }
+  }
+
+  // Stages 2 and 3: reduces (mean over ranks) the grads of tensors [first, last) of group g, `grads` (device memory)
+  // holding their elements contiguously, and adds them to this rank's shard of the group's grads; the next step()
+  // consumes what was reduced. Collective; enqueued on `stream` (the communicator's), after which the caller may
+  // reuse `grads` in stream order. G may differ from grad_t (accumulation in the grad role's dtype).
+  template <class G>
+  void reduce_grads(std::size_t g, std::size_t first, std::size_t last, const G* grads, cudaStream_t stream) {
+    static_assert(is_element_type_v<G>,
+                  "mpopt::cuda::optimizer::reduce_grads: grads must point to float, double, half_t or bf16_t");
+    if (comm_ == nullptr || zero_.stage < 2)
+      throw error(status::invalid("reduce_grads: ZeRO stage " + std::to_string(zero_.stage) +
+                                  " reduces param_group::grads in step(); reduce_grads is for stages 2 and 3"));
+    check_stream(stream, "reduce_grads");
+    const zero::range r = tensor_range(g, first, last, "reduce_grads");
+    if (!r.empty() && grads == nullptr) throw error(status::invalid("reduce_grads: grads is null"));
+    group_storage& grp = groups_[g];
+    reduce_range(grp, r, grads, /*accumulate=*/true, stream);
+    grp.has_reduced = true;
+  }
+
+  // Stage 3: the full params of tensors [first, last) of group g, contiguous in device memory, valid in `stream`
+  // order until the matching release(). Collective. Gathering a range already gathered returns the same buffer and
+  // counts one more use. Allocates (cudaMalloc): not capturable.
+  const param_t* gather(std::size_t g, std::size_t first, std::size_t last, cudaStream_t stream) {
+    if (zero_.stage != 3)
+      throw error(status::invalid("gather: params are sharded only at ZeRO stage 3, this optimizer is at stage " +
+                                  std::to_string(zero_.stage)));
+    check_stream(stream, "gather");
+    const zero::range r = tensor_range(g, first, last, "gather");
+    if (device_buffer<param_t>* again = live_.reuse(g, first, last)) return again->get();
+    live_.check_room(g, first, last, r.size(), zero_.max_live_elements);
+    group_storage& grp = groups_[g];
+    device_buffer<param_t> full(r.size(), "gathered params of group " + std::to_string(g));
+    const zero::range mine = zero::intersect(r, grp.local);
+    if (!mine.empty())
+      throw_if_cuda_error(
+          cudaMemcpyAsync(full.get() + (mine.begin - r.begin), grp.param_shard.get() + (mine.begin - grp.local.begin),
+                          mine.size() * sizeof(param_t), cudaMemcpyDeviceToDevice, stream),
+          "gather: cudaMemcpyAsync(own params)");
+    all_gather_range(grp, r, full.get());
+    return live_.add(g, first, last, std::move(full)).get();
+  }
+
+  // Frees (cudaFree waits for the device) the gathered range when its last use is released.
+  void release(std::size_t g, std::size_t first, std::size_t last) { live_.release(g, first, last); }
+  std::size_t live_elements() const noexcept { return live_.elements(); }
+
+  // Device bytes this rank holds, by role, as mpopt::optimizer::memory() counts them.
+  memory_report memory() const {
+    memory_report m;
+    for (const group_storage& grp : groups_) mpopt::detail::add_group_memory<Prec>(m, grp, zero_.stage);
+    m.workspace += (send_.size() + recv_.size()) * sizeof(reduce_type) + live_.elements() * sizeof(param_t);
+    return m;
+  }
+
+  const zero_options& zero() const noexcept { return zero_; }
+  // The elements of group g this rank updates and whose master and states it holds: the whole group at stage 0 or
+  // on one rank, the rank's shard otherwise. master(g), state(g, j), compensation(g) and local_params(g) point at
+  // element local_range(g).begin.
+  zero::range local_range(std::size_t g) const {
+    check_group_index(g);
+    return groups_[g].local;
+  }
+  const zero::partition& layout(std::size_t g) const {
+    check_group_index(g);
+    return groups_[g].part;
+  }
+  // The param copy of local_range(g): the stage-3 shard, else the caller's params at local_range(g).begin.
+  param_t* local_params(std::size_t g) const {
+    check_group_index(g);
+    return groups_[g].local_params();
   }
 
   // The first failure of the latest step()'s launches (ok when they were all enqueued). It comes from
@@ -246,19 +349,31 @@ class optimizer {
                 "step_scalars must start with its step_core: the update kernels read it through a step_core*");
 
   struct group_storage {
-    group_type spec;
+    group_type spec;  // spec.params is null at stage 3 after construction: the shard is the params
     int num_states = 0;
+    std::vector<std::size_t> offsets;      // tensor boundaries, tensors + 1 entries
+    zero::partition part;                  // shards of master and states (world 1 at stage 0)
+    zero::partition reduce_part;           // how grads are reduce-scattered: over every rank, at every stage
+    zero::range local;                     // the elements this rank updates
+    std::size_t held = 0;                  // elements of master, states and reduced grads held (padding included)
     device_buffer<master_t> master_copy;   // empty when the param buffer is the master
     device_buffer<master_t> compensation;  // kahan_summation only: what rounding dropped, per element
+    device_buffer<param_t> param_shard;    // stage 3: this rank's params
+    device_buffer<grad_t> reduced;         // the reduced grads of `local` (ZeRO on several ranks, or stages 2-3)
+    bool has_reduced = false;              // stages 2-3: `reduced` holds grads no step has consumed
+    bool sharded_params = false;           // stage 3
     std::vector<device_buffer<state_t>> states;
 
+    param_t* local_params() const { return sharded_params ? param_shard.get() : spec.params + local.begin; }
     master_t* master() const {
       if constexpr (Prec::separate_master) {
         return master_copy.get();
       } else {
-        return spec.params;
+        return local_params();
       }
     }
+    // What the statistics pass and the update read.
+    const grad_t* step_grads() const { return reduced.size() > 0 ? reduced.get() : spec.grads; }
   };
 
   // One update launch: the entries sharing a state count (elementwise rules), or every tensor (LAMB).
@@ -278,8 +393,8 @@ class optimizer {
   }
 
   // The host optimizer's checks, in its order and with its messages, then the alignment of params and grads.
-  static status validate_group(const group_type& spec, std::size_t g) {
-    status s = mpopt::detail::validate_group(spec, g);
+  status validate_group(const group_type& spec, std::size_t g) const {
+    status s = mpopt::detail::validate_group(spec, g, /*grads_required=*/zero_.stage < 2);
     if (!s.ok()) return s;
     const std::string where = "group " + std::to_string(g) + ": ";
     const int ns = Rule::num_states(spec.hparams);
@@ -287,6 +402,12 @@ class optimizer {
       return status{errc::unsupported, where + Rule::name + " with " + std::to_string(ns) +
                                            " states has no CUDA kernel (state_counts<Rule> allows " +
                                            std::to_string(counts::min) + " to " + std::to_string(counts::max) + ")"};
+    if (Rule::per_tensor && zero_.stage >= 1 && world_ > 1)
+      return status{errc::unsupported,
+                    where + Rule::name + " at ZeRO stage " + std::to_string(zero_.stage) + " on " +
+                        std::to_string(world_) +
+                        " ranks is not implemented on the CUDA backend (its per-tensor trust ratios need sums across "
+                        "shards): use stage 0, or the host optimizer"};
     if (spec.size == 0) return status::success();
     s = check_alignment(spec.params, "params", g);
     if (s.ok()) s = check_alignment(spec.grads, "grads", g);
@@ -296,7 +417,7 @@ class optimizer {
   static status check_memory(const group_type& spec, std::size_t g, int device) {
     if (spec.size == 0) return status::success();
     status s = detail::check_device_pointer(spec.params, "params", g, device);
-    if (s.ok()) s = detail::check_device_pointer(spec.grads, "grads", g, device);
+    if (s.ok() && spec.grads != nullptr) s = detail::check_device_pointer(spec.grads, "grads", g, device);
     return s;
   }
 
@@ -328,50 +449,174 @@ class optimizer {
     if (err != cudaSuccess && last_error_.ok()) last_error_ = to_status(err, what);
   }
 
-  static std::uint32_t init_grid(std::size_t n) {
-    const std::size_t blocks = (n + block_threads - 1) / block_threads;
-    return std::uint32_t(blocks < 4096 ? blocks : 4096);
+  bool sharded() const noexcept { return comm_ != nullptr && zero_.stage >= 1 && world_ > 1; }
+
+  // The collectives are ordered on the communicator's stream: the optimizer's launches must be too.
+  void check_stream(cudaStream_t stream, const char* what) const {
+    if (comm_ == nullptr || static_cast<void*>(stream) == comm_->device_stream()) return;
+    throw error(status::invalid(std::string(what) + ": stream " + detail::pointer_text(stream) +
+                                " is not the communicator's stream " + detail::pointer_text(comm_->device_stream()) +
+                                " (ZeRO's collectives and the step's kernels must be ordered on one stream)"));
   }
 
-  static group_storage make_group(group_type spec, std::size_t g, cudaStream_t stream) {
+  zero::range tensor_range(std::size_t g, std::size_t first, std::size_t last, const char* what) const {
+    check_group_index(g);
+    const std::size_t tensors = groups_[g].offsets.size() - 1;
+    if (first > last || last > tensors)
+      throw error(status::invalid(std::string(what) + ": tensors [" + std::to_string(first) + ", " +
+                                  std::to_string(last) + ") out of range for group " + std::to_string(g) + " (" +
+                                  std::to_string(tensors) + " tensors)"));
+    return {groups_[g].offsets[first], groups_[g].offsets[last]};
+  }
+
+  // Construction after the members are set: validation (the host's order), the layout check across ranks, storage,
+  // tables, and the device copies of the hyper-parameters, options and step scalars.
+  void init(std::vector<group_type> groups, cudaStream_t stream) {
+    throw_if_error(Scaler::validate(scaler_args_));
+    throw_if_error(mpopt::detail::validate_step_options(options_));
+    for (std::size_t g = 0; g < groups.size(); ++g) throw_if_error(validate_group(groups[g], g));
+    throw_if_cuda_error(cudaGetDevice(&device_), "cudaGetDevice");
+    for (std::size_t g = 0; g < groups.size(); ++g) throw_if_error(check_memory(groups[g], g, device_));
+    if (comm_ != nullptr) check_same_layout(groups, stream);
+
+    groups_.reserve(groups.size());
+    std::size_t largest = 0;
+    for (std::size_t g = 0; g < groups.size(); ++g) {
+      largest = std::max(largest, groups[g].size);
+      groups_.push_back(make_group(std::move(groups[g]), g, stream));
+    }
+    if (comm_ != nullptr && (world_ > 1 || zero_.stage >= 2)) {
+      const std::size_t n = std::min(largest, zero_.bucket_elements);
+      send_ = device_buffer<reduce_type>(n, "grad reduction send buffer");
+      recv_ = device_buffer<reduce_type>(n, "grad reduction receive buffer");
+    }
+    build_tables();
+
+    const std::size_t ng = groups_.size();
+    args_d_ = device_buffer<args_type>(ng, "hyper-parameters");
+    coeffs_d_ = device_buffer<coeffs_type>(ng, "rule coefficients");
+    std::vector<args_type> args(ng);
+    for (std::size_t g = 0; g < ng; ++g) args[g] = groups_[g].spec.hparams;
+    if (ng > 0) copy_to_device(args_d_.get(), args.data(), args_d_.bytes(), "hyper-parameters", stream);
+    init_step_state<Scaler>(options_, scaler_args_, options_d_, scalars_, stream);
+    throw_if_cuda_error(cudaStreamSynchronize(stream), "cudaStreamSynchronize (optimizer construction)");
+  }
+
+  // mpopt::detail::check_same_layout through device memory.
+  void check_same_layout(const std::vector<group_type>& groups, cudaStream_t stream) {
+    if (world_ == 1) return;
+    double v[4];
+    mpopt::detail::layout_words(zero_.stage, groups, v);
+    device_buffer<double> d(4, "layout check");
+    copy_to_device(d.get(), v, sizeof v, "layout check", stream);
+    comm_->all_reduce(d.get(), 4, comm::reduce_op::max);
+    copy_from_device(v, d.get(), sizeof v, "layout check", stream);
+    mpopt::detail::check_layout_words(v);
+  }
+
+  group_storage make_group(group_type spec, std::size_t g, cudaStream_t stream) const {
     group_storage grp;
-    const std::string where = "group " + std::to_string(g);
+    const std::string where = " of group " + std::to_string(g);
+    const int ranks = comm_ != nullptr && zero_.stage >= 1 ? world_ : 1;
+    grp.offsets.push_back(0);
+    if (spec.tensor_sizes.empty()) {
+      grp.offsets.push_back(spec.size);
+    } else {
+      for (std::size_t n : spec.tensor_sizes) grp.offsets.push_back(grp.offsets.back() + n);
+    }
+    grp.part = zero::make_partition(spec.size, ranks);
+    grp.reduce_part = zero::make_partition(spec.size, world_);
+    grp.local = ranks == 1 ? zero::range{0, spec.size} : grp.part.owned(rank_);
+    grp.held = ranks == 1 ? spec.size : grp.part.shard;
     grp.num_states = Rule::num_states(spec.hparams);
-    const std::size_t n = spec.size;
-    if constexpr (Prec::separate_master) {
-      grp.master_copy = device_buffer<master_t>(n, "master of " + where);
-      if (n > 0) {
-        convert_kernel<master_t, param_t>
-            <<<init_grid(n), block_threads, 0, stream>>>(grp.master_copy.get(), spec.params, std::uint64_t(n));
-        throw_if_cuda_error(cudaGetLastError(), "launch of the master initialisation of " + where);
-      }
+    const param_t* initial = spec.params + grp.local.begin;
+    if (comm_ != nullptr && zero_.stage == 3) {
+      grp.param_shard = device_buffer<param_t>(grp.held, "param shard" + where);
+      if (!grp.local.empty())
+        throw_if_cuda_error(cudaMemcpyAsync(grp.param_shard.get(), initial, grp.local.size() * sizeof(param_t),
+                                            cudaMemcpyDeviceToDevice, stream),
+                            "cudaMemcpyAsync(param shard" + where + ")");
+      grp.sharded_params = true;
     }
-    if constexpr (std::is_same_v<typename Prec::master_rounding, kahan_summation>) {
-      grp.compensation = device_buffer<master_t>(n, "compensation of " + where);
-      if (n > 0) {
-        fill_kernel<master_t><<<init_grid(n), block_threads, 0, stream>>>(grp.compensation.get(), master_t{}, n);
-        throw_if_cuda_error(cudaGetLastError(), "launch of the compensation initialisation of " + where);
-      }
+    if (comm_ != nullptr && (world_ > 1 || zero_.stage >= 2)) {
+      grp.reduced = device_buffer<grad_t>(grp.held, "reduced grads" + where);
+      if (grp.held > 0)
+        throw_if_cuda_error(cudaMemsetAsync(grp.reduced.get(), 0, grp.reduced.bytes(), stream),
+                            "cudaMemsetAsync(reduced grads" + where + ")");
     }
+    if constexpr (Prec::separate_master)
+      grp.master_copy = converted_buffer<master_t>(grp.held, initial, grp.local.size(), "master" + where, stream);
+    if constexpr (std::is_same_v<typename Prec::master_rounding, kahan_summation>)
+      grp.compensation = filled_buffer<master_t>(grp.held, master_t{}, "compensation" + where, stream);
     for (int j = 0; j < grp.num_states; ++j) {
-      grp.states.emplace_back(n, std::string(Rule::state_names[j]) + " of " + where);
       const state_t init = convert<state_t>(compute_t(Rule::initial_state(spec.hparams, j)));
-      if (n > 0) {
-        fill_kernel<state_t><<<init_grid(n), block_threads, 0, stream>>>(grp.states.back().get(), init, n);
-        throw_if_cuda_error(cudaGetLastError(), "launch of the state initialisation of " + where);
-      }
+      grp.states.push_back(filled_buffer<state_t>(grp.held, init, std::string(Rule::state_names[j]) + where, stream));
     }
+    if (grp.sharded_params) spec.params = nullptr;
     grp.spec = std::move(spec);
     return grp;
   }
 
-  // The entry for elements [offset, offset + n) of group g.
+  // Pieces of at most bucket_elements.
+  template <class F>
+  void for_each_bucket(zero::range r, F&& f) const {
+    for (std::size_t b = r.begin; b < r.end; b += zero_.bucket_elements)
+      f(zero::range{b, std::min(r.end, b + zero_.bucket_elements)});
+  }
+
+  // mpopt::optimizer::reduce_range on the device: grads g[0, r.size()) (group elements r) widened to reduce_type,
+  // reduce-scattered over every rank, and this rank's part averaged into `reduced` (or added to it). Stage 0 then
+  // all-gathers the rounded means, so every replica holds the same bits.
+  template <class G>
+  void reduce_range(group_storage& grp, zero::range r, const G* g, bool accumulate, cudaStream_t stream) {
+    const zero::partition& part = grp.reduce_part;
+    for_each_bucket(r, [&](zero::range piece) {
+      note(launch_convert(send_.get(), g + (piece.begin - r.begin), piece.size(), stream),
+           "step: launch of the grad widening kernel");
+      part.counts(piece, counts_);
+      comm_->reduce_scatter(send_.get(), recv_.get(), counts_, comm::reduce_op::sum);
+      const zero::range mine = zero::intersect(piece, part.owned(rank_));
+      grad_t* out = grp.reduced.get();  // element i of the group is out[i - local.begin]
+      note(launch_store_mean(out + (mine.begin - grp.local.begin), recv_.get(), mine.size(), reduce_type(world_),
+                             accumulate, stream),
+           "step: launch of the grad averaging kernel");
+      if (zero_.stage == 0) comm_->all_gather(out + piece.begin, counts_);  // local.begin is 0; the same counts
+    });
+  }
+
+  // The grads of group g for this step: reduced here unless reduce_grads() did it (or nothing needs reducing).
+  void reduce_step_grads(std::size_t g, cudaStream_t stream) {
+    group_storage& grp = groups_[g];
+    if (grp.has_reduced || grp.reduced.size() == 0) return;
+    if (grp.spec.grads == nullptr && grp.spec.size > 0)
+      throw error(status::invalid("step: group " + std::to_string(g) +
+                                  " has no grads: call reduce_grads() or set param_group::grads"));
+    reduce_range(grp, zero::range{0, grp.spec.size}, grp.spec.grads, /*accumulate=*/false, stream);
+    grp.has_reduced = zero_.stage >= 2;  // stages 2-3 accumulate into `reduced`: zeroed after the step
+  }
+
+  void consume_grads(group_storage& grp, cudaStream_t stream) {
+    if (grp.has_reduced && grp.held > 0)
+      note(cudaMemsetAsync(grp.reduced.get(), 0, grp.reduced.bytes(), stream), "step: cudaMemsetAsync(reduced grads)");
+    grp.has_reduced = false;
+  }
+
+  // In place: buf holds group elements r, this rank's own already in place.
+  template <class T>
+  void all_gather_range(const group_storage& grp, zero::range r, T* buf) {
+    for_each_bucket(r, [&](zero::range piece) {
+      grp.part.counts(piece, counts_);
+      comm_->all_gather(buf + (piece.begin - r.begin), counts_);
+    });
+  }
+
+  // The entry for local elements [offset, offset + n) of group g (offset from local_range(g).begin).
   entry_type make_entry(std::size_t g, std::size_t offset, std::size_t n) const {
     const group_storage& grp = groups_[g];
     entry_type e{};
-    e.param = grp.spec.params + offset;
+    e.param = grp.local_params() + offset;
     e.master = grp.master() + offset;
-    e.grad = grp.spec.grads + offset;
+    e.grad = grp.step_grads() + offset;
     bool aligned = is_aligned(e.master, vector_bytes) && is_aligned(e.grad, vector_bytes) &&
                    (!Prec::separate_master || is_aligned(e.param, vector_bytes));
     for (int j = 0; j < grp.num_states; ++j) {
@@ -380,7 +625,7 @@ class optimizer {
     }
     e.n = n;
     e.group = std::uint32_t(g);
-    e.first_index = offset;
+    e.first_index = grp.local.begin + offset;
     if (grp.compensation.get() != nullptr) {
       e.compensation = grp.compensation.get() + offset;
       aligned = aligned && is_aligned(e.compensation, vector_bytes);
@@ -389,15 +634,32 @@ class optimizer {
     return e;
   }
 
+  // Blocks of the statistics pass: fixed by the sizes, and with ZeRO the same on every rank (the largest shard's
+  // count), so every rank's partials have one place in the all-gathered array.
+  std::uint32_t statistics_grid() const {
+    const int ranks = sharded() ? world_ : 1;
+    std::uint64_t most = 0;
+    for (int q = 0; q < ranks; ++q) {
+      std::uint64_t chunks = 0;
+      for (const group_storage& grp : groups_) {
+        const std::size_t n = sharded() ? grp.part.owned(q).size() : grp.local.size();
+        chunks += (n + stats_chunk_elems<grad_t> - 1) / stats_chunk_elems<grad_t>;
+      }
+      most = std::max(most, chunks);
+    }
+    return stats_grid(most);
+  }
+
   void build_tables() {
     // Statistics: one entry per group; grid and chunks fixed by the sizes, so the sums are reproducible anywhere.
     std::vector<grad_entry<grad_t>> grads;
     for (const group_storage& grp : groups_)
-      grads.push_back({grp.spec.grads, grp.spec.size, is_aligned(grp.spec.grads, vector_bytes) ? 1u : 0u});
+      grads.push_back({grp.step_grads(), grp.local.size(), is_aligned(grp.step_grads(), vector_bytes) ? 1u : 0u});
     stats_ = device_table<grad_entry<grad_t>>(grads, stats_chunk_elems<grad_t>, "statistics");
-    stats_grid_ = stats_grid(stats_.map().total_chunks);
-    partial_sum_ = device_buffer<double>(stats_grid_, "statistics partial sums");
-    partial_flag_ = device_buffer<int>(stats_grid_, "statistics partial flags");
+    stats_grid_ = statistics_grid();
+    const std::size_t partials = std::size_t(stats_grid_) * std::size_t(sharded() ? world_ : 1);
+    partial_sum_ = device_buffer<double>(partials, "statistics partial sums");
+    partial_flag_ = device_buffer<int>(partials, "statistics partial flags");
 
     if constexpr (Rule::per_tensor) {
       // One entry per tensor: the trust ratio is per tensor.
@@ -432,8 +694,8 @@ class optimizer {
         std::uint64_t elements = 0;
         for (std::size_t g = 0; g < groups_.size(); ++g) {
           if (groups_[g].num_states != ns) continue;
-          entries.push_back(make_entry(g, 0, groups_[g].spec.size));
-          elements += groups_[g].spec.size;
+          entries.push_back(make_entry(g, 0, groups_[g].local.size()));
+          elements += groups_[g].local.size();
         }
         if (elements == 0) continue;
         dispatch_state_count<counts::min, counts::max>(ns, [&](auto nsc) {
@@ -453,7 +715,15 @@ class optimizer {
     }
   }
 
+  using reduce_type = mpopt::detail::reduce_t<grad_t>;
+
+  comm::communicator* comm_ = nullptr;  // ZeRO's; null: one rank, nothing reduced
+  zero_options zero_{};
+  int rank_ = 0, world_ = 1;
   std::vector<group_storage> groups_;
+  device_buffer<reduce_type> send_, recv_;  // grad reduction workspace, bucket_elements each at most
+  std::vector<std::size_t> counts_;         // per-rank counts of one collective (workspace)
+  zero::live_gathers<device_buffer<param_t>> live_;
   scaler_args scaler_args_;
   step_options options_;
   int device_ = 0;

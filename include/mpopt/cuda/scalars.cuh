@@ -211,25 +211,48 @@ __global__ void __launch_bounds__(block_threads)
   }
 }
 
+// Where the statistics partials live: this rank's pass writes blocks [offset, offset + grid) of `sum` and `flag`, and
+// the step-scalars kernel reads [0, count). One rank: offset 0, count = grid. A sharded ZeRO step: every rank's
+// blocks, all-gathered between the two launches, so every rank reduces the same partials in the same order.
+struct stats_partials {
+  double* sum;
+  int* flag;
+  std::uint32_t offset;
+  std::uint32_t count;
+};
+
 // A step's first two launches on `stream`, the same in every CUDA optimizer: the statistics pass over `stats` (`grid`
-// blocks, partials into partial_sum and partial_flag) and the step-scalars kernel, which also prepares Rule's
-// coefficients of `num_groups` groups from `hparams`. Both are launched whatever the first launch reports; returns
-// the first failure, named for step_result::error.
-template <class Rule, class Scaler, class C, class G>
-status enqueue_step_scalars(const device_table<grad_entry<G>>& stats, std::uint32_t grid, double* partial_sum,
-                            int* partial_flag, const typename Scaler::args& scaler_args, const device_options* options,
+// blocks) and the step-scalars kernel, which also prepares Rule's coefficients of `num_groups` groups from `hparams`.
+// between() runs after the first launch is enqueued and before the second (the partials' all-gather; it may throw).
+// Both are launched whatever the first launch reports; returns the first failure, named for step_result::error.
+template <class Rule, class Scaler, class C, class G, class Between>
+status enqueue_step_scalars(const device_table<grad_entry<G>>& stats, std::uint32_t grid, const stats_partials& p,
+                            const typename Scaler::args& scaler_args, const device_options* options,
                             step_scalars<typename Scaler::state_type>* scalars, const typename Rule::args* hparams,
-                            typename Rule::template coeffs<C>* coeffs, std::uint32_t num_groups, cudaStream_t stream) {
+                            typename Rule::template coeffs<C>* coeffs, std::uint32_t num_groups, cudaStream_t stream,
+                            Between&& between) {
   const cudaError_t stats_error =
       launch_grad_stats<G>(stats.entries(), stats.map(), grid, Scaler::skips_on_overflow(scaler_args),
-                           reinterpret_cast<const double*>(options), partial_sum, partial_flag, stream);
-  step_scalars_kernel<Rule, Scaler, C><<<1, block_threads, 0, stream>>>(
-      scalars, partial_sum, partial_flag, grid, options, scaler_args, hparams, coeffs, num_groups);
+                           reinterpret_cast<const double*>(options), p.sum + p.offset, p.flag + p.offset, stream);
+  between();
+  step_scalars_kernel<Rule, Scaler, C><<<1, block_threads, 0, stream>>>(scalars, p.sum, p.flag, p.count, options,
+                                                                        scaler_args, hparams, coeffs, num_groups);
   const cudaError_t scalars_error = cudaGetLastError();
   // Messages built only on failure: a step allocates nothing.
   if (stats_error != cudaSuccess) return to_status(stats_error, "step: launch of the statistics kernel");
   if (scalars_error != cudaSuccess) return to_status(scalars_error, "step: launch of the step-scalars kernel");
   return status::success();
+}
+
+// One rank: the partials are this rank's own.
+template <class Rule, class Scaler, class C, class G>
+status enqueue_step_scalars(const device_table<grad_entry<G>>& stats, std::uint32_t grid, double* partial_sum,
+                            int* partial_flag, const typename Scaler::args& scaler_args, const device_options* options,
+                            step_scalars<typename Scaler::state_type>* scalars, const typename Rule::args* hparams,
+                            typename Rule::template coeffs<C>* coeffs, std::uint32_t num_groups, cudaStream_t stream) {
+  return enqueue_step_scalars<Rule, Scaler, C>(stats, grid, stats_partials{partial_sum, partial_flag, 0, grid},
+                                               scaler_args, options, scalars, hparams, coeffs, num_groups, stream,
+                                               [] {});
 }
 
 // Writes one value on the stream. Used for hyper-parameters and options: the value travels as a kernel argument,

@@ -9,11 +9,13 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include <cub/block/block_reduce.cuh>
 
 #include "../config.hpp"
+#include "../numeric/accumulate.hpp"
 #include "../numeric/convert.hpp"
 #include "../policy/rounding.hpp"
 #include "../rules.hpp"
@@ -403,7 +405,14 @@ cudaError_t launch_per_tensor_update(const tensor_entry<Prec, MS>* entries, cons
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
-// Initialisation kernels (construction only).
+// Elementwise kernels over one flat buffer: initialisation at construction, and ZeRO's grad reduction around the
+// collectives (cuda/optimizer.cuh), which does on the device what mpopt::optimizer::reduce_range does on the host.
+
+// Blocks of a grid-stride elementwise launch over n elements: one element per thread, at most 4096 blocks.
+inline std::uint32_t elementwise_grid(std::uint64_t n) {
+  const std::uint64_t blocks = (n + block_threads - 1) / block_threads;
+  return std::uint32_t(blocks < 4096 ? blocks : 4096);
+}
 
 template <class To, class From>
 __global__ void convert_kernel(To* dst, const From* src, std::uint64_t n) {
@@ -417,6 +426,50 @@ __global__ void fill_kernel(T* dst, T value, std::uint64_t n) {
   for (std::uint64_t i = blockIdx.x * std::uint64_t(blockDim.x) + threadIdx.x; i < n;
        i += std::uint64_t(gridDim.x) * blockDim.x)
     dst[i] = value;
+}
+
+// out[i] = sum[i] / world (the mean over ranks, in the reduction type R), rounded to G, or added to out[i] with
+// accumulate_grad: the host's reduce_range after its reduce-scatter, operation for operation.
+template <class G, class R>
+__global__ void store_mean_kernel(G* out, const R* sum, std::uint64_t n, R world, int accumulate) {
+  for (std::uint64_t i = blockIdx.x * std::uint64_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::uint64_t(gridDim.x) * blockDim.x) {
+    const R mean = sum[i] / world;
+    out[i] = accumulate ? accumulate_grad(out[i], mean) : convert<G>(mean);
+  }
+}
+
+template <class To, class From>
+cudaError_t launch_convert(To* dst, const From* src, std::uint64_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  convert_kernel<To, From><<<elementwise_grid(n), block_threads, 0, stream>>>(dst, src, n);
+  return cudaGetLastError();
+}
+
+template <class G, class R>
+cudaError_t launch_store_mean(G* out, const R* sum, std::uint64_t n, R world, bool accumulate, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  store_mean_kernel<G, R><<<elementwise_grid(n), block_threads, 0, stream>>>(out, sum, n, world, accumulate ? 1 : 0);
+  return cudaGetLastError();
+}
+
+// Construction of the optimizers' buffers: `n` elements, every one `value`, or the first `count` converted from
+// src (the rest, a ZeRO shard's padding, uninitialised); enqueued on `stream`. Throw mpopt::error naming `what`.
+template <class T>
+device_buffer<T> filled_buffer(std::size_t n, T value, const std::string& what, cudaStream_t stream) {
+  device_buffer<T> b(n, what);
+  if (n > 0) {
+    fill_kernel<T><<<elementwise_grid(n), block_threads, 0, stream>>>(b.get(), value, n);
+    throw_if_cuda_error(cudaGetLastError(), "launch of the initialisation of the " + what);
+  }
+  return b;
+}
+template <class To, class From>
+device_buffer<To> converted_buffer(std::size_t n, const From* src, std::size_t count, const std::string& what,
+                                   cudaStream_t stream) {
+  device_buffer<To> b(n, what);
+  throw_if_cuda_error(launch_convert(b.get(), src, count, stream), "launch of the initialisation of the " + what);
+  return b;
 }
 
 }  // namespace mpopt::cuda
