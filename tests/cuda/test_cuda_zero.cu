@@ -7,9 +7,12 @@
 // clipping the statistics decide only the overflow skip, so params, master, states and step results must match the
 // single-rank run bit for bit. With clipping the sum of squares is added in another order (per-shard partials): the
 // norm and the params are then compared within a bound.
+#include <unistd.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -115,6 +118,43 @@ TEST_CASE("cuda ZeRO with clipping: the same norm and params within a bound") {
         }
       }
     }
+  }
+}
+
+TEST_CASE("cuda ZeRO checkpoints: save sharded, resume at another world size or stage, bit for bit") {
+  zero_setup<mpopt::adamw, mpopt::bf16_kahan_policy, mpopt::no_scaler> s;
+  s.hparams.lr = 1e-2f;
+  s.hparams.weight_decay = 0.1f;
+  const zero_trajectory<mpopt::bf16_kahan_policy> ref = reference_run(s);
+  const std::string base = "/tmp/mpopt_test_cuda_zero_ckpt_" + std::to_string(::getpid());
+  struct move {
+    int world, stage, to_world, to_stage;
+  };
+  // to_world 0: the optimizer without ZeRO.
+  for (const move& m : {move{2, 1, 2, 1}, move{3, 3, 2, 2}, move{4, 2, 0, 0}, move{1, 0, 3, 3}}) {
+    INFO("saved at ", m.world, " ranks, stage ", m.stage, "; loaded at ", m.to_world, " ranks, stage ", m.to_stage);
+    const std::string dir = base + "_" + std::to_string(m.world) + std::to_string(m.stage);
+    std::filesystem::remove_all(dir);
+    typename zero_setup<mpopt::adamw, mpopt::bf16_kahan_policy, mpopt::no_scaler>::resume save, load;
+    save.save_after = 2;
+    save.save_dir = dir;
+    load.first_step = 3;
+    load.load_dir = dir;
+    run_ranks(m.world,
+              [&](int rank, threaded_device_comm& comm) { s.run(&comm, comm.stream(), m.stage, rank, m.world, save); });
+    if (m.to_world == 0) {
+      cudaStream_t stream = nullptr;
+      MPOPT_CUDA_REQUIRE(cudaStreamCreate(&stream));
+      check_same_trajectory(s, s.run(nullptr, stream, 0, 0, 1, load), ref, load.first_step);
+      MPOPT_CUDA_REQUIRE(cudaStreamDestroy(stream));
+    } else {
+      std::vector<zero_trajectory<mpopt::bf16_kahan_policy>> runs(static_cast<std::size_t>(m.to_world));
+      run_ranks(m.to_world, [&](int rank, threaded_device_comm& comm) {
+        runs[std::size_t(rank)] = s.run(&comm, comm.stream(), m.to_stage, rank, m.to_world, load);
+      });
+      for (const auto& t : runs) check_same_trajectory(s, t, ref, load.first_step);
+    }
+    std::filesystem::remove_all(dir);
   }
 }
 

@@ -5,9 +5,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "bitwise_support.cuh"
+#include "mpopt/checkpoint/cuda.cuh"
 #include "mpopt/cuda/optimizer.cuh"
 
 namespace mpopt_test {
@@ -76,10 +78,19 @@ struct zero_setup {
     return Scaler::skips_on_overflow(scaler) && step == overflow_step && rank == world - 1;
   }
 
+  // A checkpoint in the middle of a run: steps [0, first_step) are skipped and the state loaded from load_dir
+  // instead; after step save_after the state is saved to save_dir.
+  struct resume {
+    int first_step = 0;
+    std::string load_dir;
+    int save_after = -1;
+    std::string save_dir;
+  };
+
   // One rank's run. comm == nullptr: the reference, no ZeRO. Stages 2-3 feed odd steps through reduce_grads(), one
-  // tensor at a time, and even steps through param_group::grads.
-  zero_trajectory<Prec> run(mpopt::comm::communicator* comm, cudaStream_t stream, int stage, int rank,
-                            int world) const {
+  // tensor at a time, and even steps through param_group::grads. Records steps [first_step, num_steps).
+  zero_trajectory<Prec> run(mpopt::comm::communicator* comm, cudaStream_t stream, int stage, int rank, int world,
+                            const resume& ckpt = {}) const {
     using M = typename Prec::master_t;
     using S = typename Prec::state_t;
     const std::size_t ng = shape.sizes.size();
@@ -98,7 +109,8 @@ struct zero_setup {
         comm == nullptr ? opt_t(groups, scaler, options, stream) : opt_t(groups, *comm, zero, scaler, options, stream);
     zero_trajectory<Prec> out;
     for (std::size_t g = 0; g < ng; ++g) out.local.push_back(opt.local_range(g));
-    for (int step = 0; step < num_steps; ++step) {
+    if (!ckpt.load_dir.empty()) mpopt::checkpoint::load(opt, ckpt.load_dir, {}, stream);
+    for (int step = ckpt.first_step; step < num_steps; ++step) {
       const bool inf = comm == nullptr ? overflow_here(step, world - 1, world) : overflow_here(step, rank, world);
       const bool through_reduce = comm != nullptr && stage >= 2 && step % 2 == 1;
       for (std::size_t g = 0; g < ng; ++g) {
@@ -132,6 +144,7 @@ struct zero_setup {
       out.params.push_back(std::move(p));
       out.master.push_back(std::move(m));
       out.state0.push_back(std::move(s0));
+      if (step == ckpt.save_after) mpopt::checkpoint::save(opt, ckpt.save_dir, {}, stream);
     }
     return out;
   }
@@ -139,12 +152,15 @@ struct zero_setup {
 
 // One rank's run against the reference, bit for bit: step results, the full params, and the master and first state
 // over the rank's local range.
+// A run resumed at first_step is compared from there.
 template <class Rule, class Prec, class Scaler>
 void check_same_trajectory(const zero_setup<Rule, Prec, Scaler>& s, const zero_trajectory<Prec>& t,
-                           const zero_trajectory<Prec>& ref) {
-  for (int step = 0; step < num_steps; ++step) {
+                           const zero_trajectory<Prec>& ref, int first_step = 0) {
+  REQUIRE(t.results.size() == std::size_t(num_steps - first_step));
+  for (int step = first_step; step < num_steps; ++step) {
     INFO("step ", step);
-    const mpopt::step_result &a = t.results[std::size_t(step)], &b = ref.results[std::size_t(step)];
+    const std::size_t i = std::size_t(step - first_step);
+    const mpopt::step_result &a = t.results[i], &b = ref.results[std::size_t(step)];
     CHECK(a.applied == b.applied);
     CHECK(a.reason == b.reason);
     CHECK(a.step == b.step);
@@ -152,11 +168,11 @@ void check_same_trajectory(const zero_setup<Rule, Prec, Scaler>& s, const zero_t
     CHECK(a.next_loss_scale == b.next_loss_scale);
     for (std::size_t g = 0; g < s.shape.sizes.size(); ++g) {
       INFO("group ", g);
-      CHECK_SAME_BITS(t.params[std::size_t(step)][g], ref.params[std::size_t(step)][g], "params");
+      CHECK_SAME_BITS(t.params[i][g], ref.params[std::size_t(step)][g], "params");
       const mpopt::zero::range r = t.local[g];
       const auto& rm = ref.master[std::size_t(step)][g];
       const auto& rs = ref.state0[std::size_t(step)][g];
-      CHECK_SAME_BITS(t.master[std::size_t(step)][g],
+      CHECK_SAME_BITS(t.master[i][g],
                       std::vector<typename Prec::master_t>(rm.begin() + std::ptrdiff_t(r.begin),
                                                            rm.begin() + std::ptrdiff_t(r.end)),
                       "master (local range)");

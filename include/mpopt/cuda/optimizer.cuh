@@ -219,6 +219,8 @@ class optimizer {
   }
 
   const zero_options& zero() const noexcept { return zero_; }
+  // ZeRO's communicator; null when constructed without one.
+  comm::communicator* communicator() const noexcept { return comm_; }
   // The elements of group g this rank updates and whose master and states it holds: the whole group at stage 0 or
   // on one rank, the rank's shard otherwise. master(g), state(g, j), compensation(g) and local_params(g) point at
   // element local_range(g).begin.
