@@ -725,7 +725,7 @@ class muon_optimizer {
         if (it.owner != rank_) return;
         grad_t* out = reduced_.data() + it.local + first;
         const reduce_type* in = recv_.data() + (piece.begin + at - my_first);
-        for (std::size_t i = 0; i < count; ++i) out[i] = convert<grad_t>(in[i] / world);
+        for (std::size_t i = 0; i < count; ++i) out[i] = store_mean(out[i], in[i], world, false);
         if (zero_.stage == 0) std::copy(out, out + count, grad_stage_.data() + at);
       });
       if (zero_.stage == 0) {
@@ -759,7 +759,7 @@ class muon_optimizer {
       comm_->reduce_scatter(send_.data(), recv_.data(), counts_, comm::reduce_op::sum);
       if (it.owner != rank_) continue;
       grad_t* out = reduced_.data() + it.local + b;
-      for (std::size_t i = 0; i < n; ++i) out[i] = accumulate_grad(out[i], recv_[i] / world);
+      for (std::size_t i = 0; i < n; ++i) out[i] = store_mean(out[i], recv_[i], world, true);
     }
   }
 

@@ -727,9 +727,8 @@ class optimizer {
       grad_t* out = grp.reduced.data();  // element i of the group is out[i - local.begin]
       const reduce_type world = reduce_type(world_);
       for (std::size_t i = mine.begin; i < mine.end; ++i) {
-        const reduce_type mean = recv_[i - mine.begin] / world;
         grad_t& o = out[i - grp.local.begin];
-        o = accumulate ? accumulate_grad(o, mean) : convert<grad_t>(mean);
+        o = store_mean(o, recv_[i - mine.begin], world, accumulate);
       }
       if (zero_.stage == 0) comm_->all_gather(out + piece.begin, counts_);  // local.begin is 0; the same counts
     });

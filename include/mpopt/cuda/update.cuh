@@ -428,15 +428,12 @@ __global__ void fill_kernel(T* dst, T value, std::uint64_t n) {
     dst[i] = value;
 }
 
-// out[i] = sum[i] / world (the mean over ranks, in the reduction type R), rounded to G, or added to out[i] with
-// accumulate_grad: the host's reduce_range after its reduce-scatter, operation for operation.
+// out[i] = store_mean(out[i], sum[i], world, accumulate): the host's reduce_range after its reduce-scatter.
 template <class G, class R>
 __global__ void store_mean_kernel(G* out, const R* sum, std::uint64_t n, R world, int accumulate) {
   for (std::uint64_t i = blockIdx.x * std::uint64_t(blockDim.x) + threadIdx.x; i < n;
-       i += std::uint64_t(gridDim.x) * blockDim.x) {
-    const R mean = sum[i] / world;
-    out[i] = accumulate ? accumulate_grad(out[i], mean) : convert<G>(mean);
-  }
+       i += std::uint64_t(gridDim.x) * blockDim.x)
+    out[i] = store_mean(out[i], sum[i], world, accumulate != 0);
 }
 
 template <class To, class From>

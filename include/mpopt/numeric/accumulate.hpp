@@ -21,4 +21,12 @@ MPOPT_HOST_DEVICE MPOPT_FORCEINLINE Accum accumulate_grad(Accum acc, G g) {
   return convert<Accum>(convert<wide>(acc) + convert<wide>(g));
 }
 
+// ZeRO's grad mean: a reduced grad's sum over `world` ranks (in the reduction type R) divided by world, rounded to G,
+// or added to `current` with accumulate_grad. The host optimizers and the CUDA kernel store reduced grads with it.
+template <class G, class R>
+MPOPT_HOST_DEVICE MPOPT_FORCEINLINE G store_mean(G current, R sum, R world, bool accumulate) {
+  const R mean = sum / world;
+  return accumulate ? accumulate_grad(current, mean) : convert<G>(mean);
+}
+
 }  // namespace mpopt
