@@ -51,6 +51,12 @@ inline std::uint32_t element_grid(std::uint64_t count) {
 }
 
 // The kernels are templates only so that every translation unit may define them (a __global__ cannot be inline).
+// Each takes `enabled`: null, or a device flag (a step's step_core::applied) that turns the call into nothing when 0,
+// so a step that turns out skipped leaves the error buffers and the buffer as they were without a host round trip.
+
+MPOPT_DEVICE MPOPT_FORCEINLINE bool is_enabled(const std::int32_t* enabled) {
+  return enabled == nullptr || *enabled != 0;
+}
 
 // Lane 0 ends with the sum onebit::combine_lanes makes on the host.
 MPOPT_DEVICE MPOPT_FORCEINLINE double warp_sum(double v) {
@@ -63,8 +69,10 @@ MPOPT_DEVICE MPOPT_FORCEINLINE double warp_sum(double v) {
 template <int = 0>
 __global__ void __launch_bounds__(block_threads)
     worker_signs_kernel(const float* buf, std::uint64_t n, const float* worker_error, std::uint64_t words,
-                        std::uint64_t chunk_words, std::uint64_t block_words, word_t* message, double* partials) {
+                        std::uint64_t chunk_words, std::uint64_t block_words, word_t* message, double* partials,
+                        const std::int32_t* enabled) {
   using namespace mpopt::onebit;
+  if (!is_enabled(enabled)) return;
   const unsigned lane = threadIdx.x % 32u;
   const std::uint64_t warps = std::uint64_t(gridDim.x) * warps_per_block;
   const std::uint64_t segments = (words + segment_words - 1) / segment_words;
@@ -93,8 +101,9 @@ __global__ void __launch_bounds__(block_threads)
 template <int = 0>
 __global__ void __launch_bounds__(block_threads)
     server_signs_kernel(const word_t* received, int world, std::uint64_t chunk_words, std::uint64_t block_words,
-                        float* server_error, word_t* block, double* partials) {
+                        float* server_error, word_t* block, double* partials, const std::int32_t* enabled) {
   using namespace mpopt::onebit;
+  if (!is_enabled(enabled)) return;
   const unsigned lane = threadIdx.x % 32u;
   const std::uint64_t warps = std::uint64_t(gridDim.x) * warps_per_block;
   const std::uint64_t segments = (chunk_words + segment_words - 1) / segment_words;
@@ -125,8 +134,9 @@ __global__ void __launch_bounds__(block_threads)
 template <int = 0>
 __global__ void __launch_bounds__(block_threads)
     scale_kernel(const double* partials, std::uint64_t count, std::uint64_t length, float* scale, word_t* blocks,
-                 std::uint64_t block_words, std::uint64_t chunk_words, int num_blocks) {
+                 std::uint64_t block_words, std::uint64_t chunk_words, int num_blocks, const std::int32_t* enabled) {
   using namespace mpopt::onebit;
+  if (!is_enabled(enabled)) return;
   __shared__ double lane[final_lanes];
   const unsigned t = threadIdx.x;
   double sum = 0.0;
@@ -146,8 +156,9 @@ __global__ void __launch_bounds__(block_threads)
 template <int = 0>
 __global__ void __launch_bounds__(block_threads)
     worker_error_kernel(const float* buf, std::uint64_t n, float* worker_error, std::uint64_t padded,
-                        const float* scale) {
+                        const float* scale, const std::int32_t* enabled) {
   using namespace mpopt::onebit;
+  if (!is_enabled(enabled)) return;
   const float s = *scale;
   const std::uint64_t stride = std::uint64_t(gridDim.x) * block_threads;
   for (std::uint64_t i = std::uint64_t(blockIdx.x) * block_threads + threadIdx.x; i < padded; i += stride) {
@@ -159,8 +170,9 @@ __global__ void __launch_bounds__(block_threads)
 // server_error holds z on entry.
 template <int = 0>
 __global__ void __launch_bounds__(block_threads)
-    server_error_kernel(float* server_error, std::uint64_t chunk, const float* scale) {
+    server_error_kernel(float* server_error, std::uint64_t chunk, const float* scale, const std::int32_t* enabled) {
   using namespace mpopt::onebit;
+  if (!is_enabled(enabled)) return;
   const float s = *scale;
   const std::uint64_t stride = std::uint64_t(gridDim.x) * block_threads;
   for (std::uint64_t i = std::uint64_t(blockIdx.x) * block_threads + threadIdx.x; i < chunk; i += stride) {
@@ -173,8 +185,9 @@ __global__ void __launch_bounds__(block_threads)
 template <int = 0>
 __global__ void __launch_bounds__(block_threads)
     decompress_kernel(const word_t* gathered, std::uint64_t n, std::uint64_t chunk, std::uint64_t chunk_words,
-                      std::uint64_t block_words, int world, float* out) {
+                      std::uint64_t block_words, int world, float* out, const std::int32_t* enabled) {
   using namespace mpopt::onebit;
+  if (!is_enabled(enabled)) return;
   const std::uint64_t stride = std::uint64_t(gridDim.x) * block_threads;
   for (std::uint64_t j = blockIdx.y; j < std::uint64_t(world) && j * chunk < n; j += gridDim.y) {
     const std::uint64_t begin = j * chunk, count = n - begin < chunk ? n - begin : chunk;
@@ -189,41 +202,44 @@ __global__ void __launch_bounds__(block_threads)
 
 // The three local steps, as mpopt::onebit's host functions of the same names, on device pointers, enqueued on
 // `stream`; the scale is written to the device float *scale instead of returned. partials: layout.segments() doubles
-// of device workspace. They return the launch status (cudaGetLastError).
+// of device workspace; enabled: see detail::is_enabled. They return the launch status (cudaGetLastError).
 inline cudaError_t compress_worker(const float* buf, const compressed_layout& l, float* worker_error, word_t* message,
-                                   double* partials, float* scale, cudaStream_t stream) {
+                                   double* partials, float* scale, cudaStream_t stream,
+                                   const std::int32_t* enabled = nullptr) {
   if (l.padded == 0) return cudaSuccess;
   const std::uint64_t words = l.padded / mpopt::onebit::word_bits;
   detail::worker_signs_kernel<><<<detail::segment_grid(words), block_threads, 0, stream>>>(
-      buf, l.n, worker_error, words, l.chunk_words(), l.block_words(), message, partials);
+      buf, l.n, worker_error, words, l.chunk_words(), l.block_words(), message, partials, enabled);
   detail::scale_kernel<><<<1, block_threads, 0, stream>>>(partials, l.segments(), l.padded, scale, message,
-                                                          l.block_words(), l.chunk_words(), l.world);
+                                                          l.block_words(), l.chunk_words(), l.world, enabled);
   detail::worker_error_kernel<>
-      <<<detail::element_grid(l.padded), block_threads, 0, stream>>>(buf, l.n, worker_error, l.padded, scale);
+      <<<detail::element_grid(l.padded), block_threads, 0, stream>>>(buf, l.n, worker_error, l.padded, scale, enabled);
   return cudaGetLastError();
 }
 
 inline cudaError_t compress_server(const word_t* received, const compressed_layout& l, float* server_error,
-                                   word_t* block, double* partials, float* scale, cudaStream_t stream) {
+                                   word_t* block, double* partials, float* scale, cudaStream_t stream,
+                                   const std::int32_t* enabled = nullptr) {
   if (l.chunk == 0) return cudaSuccess;
   const std::uint64_t chunk_words = l.chunk_words();
   const std::uint64_t segments = (chunk_words + mpopt::onebit::segment_words - 1) / mpopt::onebit::segment_words;
   detail::server_signs_kernel<><<<detail::segment_grid(chunk_words), block_threads, 0, stream>>>(
-      received, l.world, chunk_words, l.block_words(), server_error, block, partials);
-  detail::scale_kernel<>
-      <<<1, block_threads, 0, stream>>>(partials, segments, l.chunk, scale, block, l.block_words(), chunk_words, 1);
+      received, l.world, chunk_words, l.block_words(), server_error, block, partials, enabled);
+  detail::scale_kernel<><<<1, block_threads, 0, stream>>>(partials, segments, l.chunk, scale, block, l.block_words(),
+                                                          chunk_words, 1, enabled);
   detail::server_error_kernel<>
-      <<<detail::element_grid(l.chunk), block_threads, 0, stream>>>(server_error, l.chunk, scale);
+      <<<detail::element_grid(l.chunk), block_threads, 0, stream>>>(server_error, l.chunk, scale, enabled);
   return cudaGetLastError();
 }
 
-inline cudaError_t decompress(const word_t* gathered, const compressed_layout& l, float* out, cudaStream_t stream) {
+inline cudaError_t decompress(const word_t* gathered, const compressed_layout& l, float* out, cudaStream_t stream,
+                              const std::int32_t* enabled = nullptr) {
   if (l.n == 0) return cudaSuccess;
   const std::uint32_t chunks = std::uint32_t(std::min<std::uint64_t>(std::uint64_t(l.world), 65535));
   const std::uint32_t per_chunk = std::max<std::uint32_t>(
       1, std::min<std::uint32_t>(detail::element_grid(l.chunk), std::uint32_t(detail::max_grid) / chunks));
   detail::decompress_kernel<><<<dim3(per_chunk, chunks), block_threads, 0, stream>>>(
-      gathered, l.n, l.chunk, l.chunk_words(), l.block_words(), l.world, out);
+      gathered, l.n, l.chunk, l.chunk_words(), l.block_words(), l.world, out, enabled);
   return cudaGetLastError();
 }
 
@@ -264,23 +280,25 @@ class compressed_allreduce {
   }
 
   // As mpopt::onebit::compressed_allreduce::operator(), on device pointers, enqueued on stream() (returns at once).
-  // The argument checks run on the host before anything is enqueued.
-  void operator()(float* buf, const compressed_layout& layout, error_feedback& err) {
+  // The argument checks run on the host before anything is enqueued. enabled: null, or a device flag that makes the
+  // kernels do nothing when 0 (the collectives still run, on every rank alike, and carry stale words).
+  void operator()(float* buf, const compressed_layout& layout, error_feedback& err,
+                  const std::int32_t* enabled = nullptr) {
     throw_if_error(mpopt::onebit::check_call(buf, layout, err.worker.size(), err.server.size(), capacity_));
     if (layout.world == 1 || layout.n == 0) return;
     const std::size_t block_words = layout.block_words();
     float* worker_scale = scales_.get();
     float* server_scale = scales_.get() + 1;
     throw_if_cuda_error(
-        compress_worker(buf, layout, err.worker.get(), send_.get(), partials_.get(), worker_scale, stream_),
+        compress_worker(buf, layout, err.worker.get(), send_.get(), partials_.get(), worker_scale, stream_, enabled),
         "onebit compress_worker kernels");
     comm_->all_to_all_bytes(send_.get(), recv_.get(), block_words * sizeof(word_t));
     word_t* mine = send_.get() + std::size_t(comm_->rank()) * block_words;
     throw_if_cuda_error(
-        compress_server(recv_.get(), layout, err.server.get(), mine, partials_.get(), server_scale, stream_),
+        compress_server(recv_.get(), layout, err.server.get(), mine, partials_.get(), server_scale, stream_, enabled),
         "onebit compress_server kernels");
     comm_->all_gather_bytes(send_.get(), block_words * sizeof(word_t));
-    throw_if_cuda_error(decompress(send_.get(), layout, buf, stream_), "onebit decompress kernel");
+    throw_if_cuda_error(decompress(send_.get(), layout, buf, stream_, enabled), "onebit decompress kernel");
   }
 
   comm::communicator& communicator() const noexcept { return *comm_; }

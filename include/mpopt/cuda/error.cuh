@@ -26,4 +26,11 @@ inline void throw_if_cuda_error(cudaError_t err, const std::string& what) {
   throw error(to_status(err, what));
 }
 
+namespace detail {
+// Keeps the first launch failure of a step: step() learns of it late and reports it later, it does not throw.
+inline void keep_first_error(status& kept, cudaError_t err, const char* what) {
+  if (err != cudaSuccess && kept.ok()) kept = to_status(err, what);
+}
+}  // namespace detail
+
 }  // namespace mpopt::cuda

@@ -4,12 +4,14 @@
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <sstream>
 #include <string>
 #include <type_traits>
 #include <utility>
 
 #include "../error.hpp"
+#include "../numeric/traits.hpp"
 #include "error.cuh"
 
 namespace mpopt::cuda {
@@ -112,6 +114,44 @@ inline status check_device_pointer(const void* p, const char* name, std::size_t 
                              " is host memory, not device memory: pass device pointers (cudaMalloc, "
                              "cudaMallocManaged, or mapped pinned memory)");
   }
+}
+
+// A group's params and grads (any struct with size, params and grads: mpopt::param_group) are memory `device` can use.
+template <class Group>
+status check_group_memory(const Group& spec, std::size_t g, int device) {
+  if (spec.size == 0) return status::success();
+  status s = check_device_pointer(spec.params, "params", g, device);
+  if (s.ok() && spec.grads != nullptr) s = check_device_pointer(spec.grads, "grads", g, device);
+  return s;
+}
+
+// ... and aligned to their element size (the kernels load whole elements).
+template <class T>
+status check_element_alignment(const T* p, const char* name, std::size_t g) {
+  if (p == nullptr || (reinterpret_cast<std::uintptr_t>(p) % sizeof(T)) == 0) return status::success();
+  return status::invalid("group " + std::to_string(g) + ": " + name + " " + pointer_text(p) +
+                         " is not aligned to its element size (" + std::to_string(sizeof(T)) + " bytes, " +
+                         dtype_name<T>() + ")");
+}
+template <class Group>
+status check_group_buffers(const Group& spec, std::size_t g) {
+  if (spec.size == 0) return status::success();
+  status s = check_element_alignment(spec.params, "params", g);
+  if (s.ok()) s = check_element_alignment(spec.grads, "grads", g);
+  return s;
+}
+
+// Host to device on `stream`. From pageable memory the runtime stages the bytes before returning, so `src` may go.
+inline void copy_to_device(void* dst, const void* src, std::size_t bytes, const char* what, cudaStream_t stream) {
+  throw_if_cuda_error(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream),
+                      std::string("cudaMemcpyAsync(") + what + ", host to device)");
+}
+
+// Device to host on `stream`, then waits for the stream.
+inline void copy_from_device(void* dst, const void* src, std::size_t bytes, const char* what, cudaStream_t stream) {
+  throw_if_cuda_error(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream),
+                      std::string("cudaMemcpyAsync(") + what + ", device to host)");
+  throw_if_cuda_error(cudaStreamSynchronize(stream), std::string("cudaStreamSynchronize (reading the ") + what + ")");
 }
 
 }  // namespace detail

@@ -364,7 +364,7 @@ class muon_optimizer {
       for (const aux_group_type& a : aux_) args.push_back(a.hparams);
       aux_args_d_ = device_buffer<adamw::args>(args.size(), "aux hyper-parameters");
       aux_coeffs_d_ = device_buffer<adamw::coeffs<compute_t>>(args.size(), "aux coefficients");
-      copy_to_device(aux_args_d_.get(), args.data(), aux_args_d_.bytes(), "aux hyper-parameters", stream);
+      detail::copy_to_device(aux_args_d_.get(), args.data(), aux_args_d_.bytes(), "aux hyper-parameters", stream);
     }
     throw_if_cuda_error(cudaStreamSynchronize(stream), "cudaStreamSynchronize (muon_optimizer construction)");
   }
@@ -522,14 +522,7 @@ class muon_optimizer {
                                   std::to_string(g) + " out of range (" + std::to_string(count) + " groups)"));
   }
 
-  static void copy_to_device(void* dst, const void* src, std::size_t bytes, const char* what, cudaStream_t stream) {
-    throw_if_cuda_error(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream),
-                        std::string("cudaMemcpyAsync(") + what + ", host to device)");
-  }
-
-  void note(cudaError_t err, const char* what) {
-    if (err != cudaSuccess && last_error_.ok()) last_error_ = to_status(err, what);
-  }
+  void note(cudaError_t err, const char* what) { detail::keep_first_error(last_error_, err, what); }
   void note_cublas(cublasStatus_t s, const char* what) {
     if (s != CUBLAS_STATUS_SUCCESS && last_error_.ok()) last_error_ = to_status(s, what);
   }

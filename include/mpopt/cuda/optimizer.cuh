@@ -53,6 +53,7 @@
 #include "../scaler/scalers.hpp"
 #include "../zero/live_gathers.hpp"
 #include "../zero/partition.hpp"
+#include "data_parallel.cuh"
 #include "error.cuh"
 #include "launch.cuh"
 #include "memory.cuh"
@@ -159,7 +160,7 @@ class optimizer {
     for (group_storage& grp : groups_) {
       // A skipped step gathers unchanged params: cheaper than a host synchronisation to learn that it skipped.
       if ((zero_.stage == 1 || zero_.stage == 2) && world_ > 1)
-        all_gather_range(grp, zero::range{0, grp.spec.size}, grp.spec.params);
+        mean_.all_gather(grp.part, zero::range{0, grp.spec.size}, grp.spec.params);
       consume_grads(grp, stream);
     }
   }
@@ -202,7 +203,7 @@ class optimizer {
           cudaMemcpyAsync(full.get() + (mine.begin - r.begin), grp.param_shard.get() + (mine.begin - grp.local.begin),
                           mine.size() * sizeof(param_t), cudaMemcpyDeviceToDevice, stream),
           "gather: cudaMemcpyAsync(own params)");
-    all_gather_range(grp, r, full.get());
+    mean_.all_gather(grp.part, r, full.get());
     return live_.add(g, first, last, std::move(full)).get();
   }
 
@@ -214,7 +215,7 @@ class optimizer {
   memory_report memory() const {
     memory_report m;
     for (const group_storage& grp : groups_) mpopt::detail::add_group_memory<Prec>(m, grp, zero_.stage);
-    m.workspace += (send_.size() + recv_.size()) * sizeof(reduce_type) + live_.elements() * sizeof(param_t);
+    m.workspace += mean_.bytes() + live_.elements() * sizeof(param_t);
     return m;
   }
 
@@ -277,7 +278,8 @@ class optimizer {
   // Synchronising accessors (they wait for `stream`).
   scaler_state_type scaler_state(cudaStream_t stream = nullptr) const {
     scaler_state_type s{};
-    copy_from_device(&s, field<scaler_state_type>(offsetof(scalars_type, scaler)), sizeof s, "scaler state", stream);
+    detail::copy_from_device(&s, field<scaler_state_type>(offsetof(scalars_type, scaler)), sizeof s, "scaler state",
+                             stream);
     return s;
   }
   void set_scaler_state(const scaler_state_type& s, cudaStream_t stream = nullptr) {
@@ -287,7 +289,7 @@ class optimizer {
   }
   std::int64_t step_count(cudaStream_t stream = nullptr) const {
     std::int64_t n = 0;
-    copy_from_device(&n, field<std::int64_t>(offsetof(step_core, step)), sizeof n, "step counter", stream);
+    detail::copy_from_device(&n, field<std::int64_t>(offsetof(step_core, step)), sizeof n, "step counter", stream);
     return n;
   }
 
@@ -386,14 +388,6 @@ class optimizer {
     std::uint32_t ratio_grid = 0;
   };
 
-  template <class T>
-  static status check_alignment(const T* p, const char* name, std::size_t g) {
-    if (p == nullptr || is_aligned(p, sizeof(T))) return status::success();
-    return status::invalid("group " + std::to_string(g) + ": " + name + " " + detail::pointer_text(p) +
-                           " is not aligned to its element size (" + std::to_string(sizeof(T)) + " bytes, " +
-                           dtype_name<T>() + ")");
-  }
-
   // The host optimizer's checks, in its order and with its messages, then the alignment of params and grads.
   status validate_group(const group_type& spec, std::size_t g) const {
     status s = mpopt::detail::validate_group(spec, g, /*grads_required=*/zero_.stage < 2);
@@ -411,16 +405,7 @@ class optimizer {
                         " ranks is not implemented on the CUDA backend (its per-tensor trust ratios need sums across "
                         "shards): use stage 0, or the host optimizer"};
     if (spec.size == 0) return status::success();
-    s = check_alignment(spec.params, "params", g);
-    if (s.ok()) s = check_alignment(spec.grads, "grads", g);
-    return s;
-  }
-
-  static status check_memory(const group_type& spec, std::size_t g, int device) {
-    if (spec.size == 0) return status::success();
-    status s = detail::check_device_pointer(spec.params, "params", g, device);
-    if (s.ok() && spec.grads != nullptr) s = detail::check_device_pointer(spec.grads, "grads", g, device);
-    return s;
+    return detail::check_group_buffers(spec, g);
   }
 
   void check_group_index(std::size_t g) const {
@@ -429,36 +414,19 @@ class optimizer {
                                   std::to_string(groups_.size()) + " groups)"));
   }
 
-  static void copy_to_device(void* dst, const void* src, std::size_t bytes, const char* what, cudaStream_t stream) {
-    // From pageable memory: the runtime stages it before returning, and construction waits for the stream anyway.
-    throw_if_cuda_error(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream),
-                        std::string("cudaMemcpyAsync(") + what + ", host to device)");
-  }
-
-  static void copy_from_device(void* dst, const void* src, std::size_t bytes, const char* what, cudaStream_t stream) {
-    throw_if_cuda_error(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream),
-                        std::string("cudaMemcpyAsync(") + what + ", device to host)");
-    throw_if_cuda_error(cudaStreamSynchronize(stream), std::string("cudaStreamSynchronize (reading the ") + what + ")");
-  }
-
   // A field of the device step scalars, by byte offset (the scalars are never dereferenced on the host).
   template <class T>
   T* field(std::size_t offset) const {
     return reinterpret_cast<T*>(reinterpret_cast<char*>(scalars_.get()) + offset);
   }
 
-  void note(cudaError_t err, const char* what) {
-    if (err != cudaSuccess && last_error_.ok()) last_error_ = to_status(err, what);
-  }
+  void note(cudaError_t err, const char* what) { detail::keep_first_error(last_error_, err, what); }
 
   bool sharded() const noexcept { return comm_ != nullptr && zero_.stage >= 1 && world_ > 1; }
 
   // The collectives are ordered on the communicator's stream: the optimizer's launches must be too.
   void check_stream(cudaStream_t stream, const char* what) const {
-    if (comm_ == nullptr || static_cast<void*>(stream) == comm_->device_stream()) return;
-    throw error(status::invalid(std::string(what) + ": stream " + detail::pointer_text(stream) +
-                                " is not the communicator's stream " + detail::pointer_text(comm_->device_stream()) +
-                                " (ZeRO's collectives and the step's kernels must be ordered on one stream)"));
+    if (comm_ != nullptr) detail::check_comm_stream(*comm_, stream, what);
   }
 
   zero::range tensor_range(std::size_t g, std::size_t first, std::size_t last, const char* what) const {
@@ -478,8 +446,8 @@ class optimizer {
     throw_if_error(mpopt::detail::validate_step_options(options_));
     for (std::size_t g = 0; g < groups.size(); ++g) throw_if_error(validate_group(groups[g], g));
     throw_if_cuda_error(cudaGetDevice(&device_), "cudaGetDevice");
-    for (std::size_t g = 0; g < groups.size(); ++g) throw_if_error(check_memory(groups[g], g, device_));
-    if (comm_ != nullptr) check_same_layout(groups, stream);
+    for (std::size_t g = 0; g < groups.size(); ++g) throw_if_error(detail::check_group_memory(groups[g], g, device_));
+    if (comm_ != nullptr) detail::check_same_layout(*comm_, zero_.stage, groups, stream);
 
     groups_.reserve(groups.size());
     std::size_t largest = 0;
@@ -487,11 +455,7 @@ class optimizer {
       largest = std::max(largest, groups[g].size);
       groups_.push_back(make_group(std::move(groups[g]), g, stream));
     }
-    if (comm_ != nullptr && (world_ > 1 || zero_.stage >= 2)) {
-      const std::size_t n = std::min(largest, zero_.bucket_elements);
-      send_ = device_buffer<reduce_type>(n, "grad reduction send buffer");
-      recv_ = device_buffer<reduce_type>(n, "grad reduction receive buffer");
-    }
+    if (comm_ != nullptr) mean_ = detail::grad_mean<reduce_type>(*comm_, largest, zero_.bucket_elements);
     build_tables();
 
     const std::size_t ng = groups_.size();
@@ -499,21 +463,9 @@ class optimizer {
     coeffs_d_ = device_buffer<coeffs_type>(ng, "rule coefficients");
     std::vector<args_type> args(ng);
     for (std::size_t g = 0; g < ng; ++g) args[g] = groups_[g].spec.hparams;
-    if (ng > 0) copy_to_device(args_d_.get(), args.data(), args_d_.bytes(), "hyper-parameters", stream);
+    if (ng > 0) detail::copy_to_device(args_d_.get(), args.data(), args_d_.bytes(), "hyper-parameters", stream);
     init_step_state<Scaler>(options_, scaler_args_, options_d_, scalars_, stream);
     throw_if_cuda_error(cudaStreamSynchronize(stream), "cudaStreamSynchronize (optimizer construction)");
-  }
-
-  // mpopt::detail::check_same_layout through device memory.
-  void check_same_layout(const std::vector<group_type>& groups, cudaStream_t stream) {
-    if (world_ == 1) return;
-    double v[4];
-    mpopt::detail::layout_words(zero_.stage, groups, v);
-    device_buffer<double> d(4, "layout check");
-    copy_to_device(d.get(), v, sizeof v, "layout check", stream);
-    comm_->all_reduce(d.get(), 4, comm::reduce_op::max);
-    copy_from_device(v, d.get(), sizeof v, "layout check", stream);
-    mpopt::detail::check_layout_words(v);
   }
 
   group_storage make_group(group_type spec, std::size_t g, cudaStream_t stream) const {
@@ -559,31 +511,14 @@ class optimizer {
     return grp;
   }
 
-  // Pieces of at most bucket_elements.
-  template <class F>
-  void for_each_bucket(zero::range r, F&& f) const {
-    for (std::size_t b = r.begin; b < r.end; b += zero_.bucket_elements)
-      f(zero::range{b, std::min(r.end, b + zero_.bucket_elements)});
-  }
-
   // mpopt::optimizer::reduce_range on the device: grads g[0, r.size()) (group elements r) widened to reduce_type,
   // reduce-scattered over every rank, and this rank's part averaged into `reduced` (or added to it). Stage 0 then
   // all-gathers the rounded means, so every replica holds the same bits.
   template <class G>
   void reduce_range(group_storage& grp, zero::range r, const G* g, bool accumulate, cudaStream_t stream) {
-    const zero::partition& part = grp.reduce_part;
-    for_each_bucket(r, [&](zero::range piece) {
-      note(launch_convert(send_.get(), g + (piece.begin - r.begin), piece.size(), stream),
-           "step: launch of the grad widening kernel");
-      part.counts(piece, counts_);
-      comm_->reduce_scatter(send_.get(), recv_.get(), counts_, comm::reduce_op::sum);
-      const zero::range mine = zero::intersect(piece, part.owned(rank_));
-      grad_t* out = grp.reduced.get();  // element i of the group is out[i - local.begin]
-      note(launch_store_mean(out + (mine.begin - grp.local.begin), recv_.get(), mine.size(), reduce_type(world_),
-                             accumulate, stream),
-           "step: launch of the grad averaging kernel");
-      if (zero_.stage == 0) comm_->all_gather(out + piece.begin, counts_);  // local.begin is 0; the same counts
-    });
+    // Stage 0: local.begin is 0, and the means are all-gathered with the reduce-scatter's counts.
+    mean_.reduce(grp.reduce_part, r, g, grp.reduced.get(), grp.local.begin, accumulate, zero_.stage == 0, last_error_,
+                 stream);
   }
 
   // The grads of group g for this step: reduced here unless reduce_grads() did it (or nothing needs reducing).
@@ -601,15 +536,6 @@ class optimizer {
     if (grp.has_reduced && grp.held > 0)
       note(cudaMemsetAsync(grp.reduced.get(), 0, grp.reduced.bytes(), stream), "step: cudaMemsetAsync(reduced grads)");
     grp.has_reduced = false;
-  }
-
-  // In place: buf holds group elements r, this rank's own already in place.
-  template <class T>
-  void all_gather_range(const group_storage& grp, zero::range r, T* buf) {
-    for_each_bucket(r, [&](zero::range piece) {
-      grp.part.counts(piece, counts_);
-      comm_->all_gather(buf + (piece.begin - r.begin), counts_);
-    });
   }
 
   // The entry for local elements [offset, offset + n) of group g (offset from local_range(g).begin).
@@ -723,8 +649,7 @@ class optimizer {
   zero_options zero_{};
   int rank_ = 0, world_ = 1;
   std::vector<group_storage> groups_;
-  device_buffer<reduce_type> send_, recv_;  // grad reduction workspace, bucket_elements each at most
-  std::vector<std::size_t> counts_;         // per-rank counts of one collective (workspace)
+  detail::grad_mean<reduce_type> mean_;  // grad reduction and param gathers (with a communicator)
   zero::live_gathers<device_buffer<param_t>> live_;
   scaler_args scaler_args_;
   step_options options_;

@@ -40,6 +40,7 @@
 #include "../scaler/scalers.hpp"
 #include "../zero/partition.hpp"
 #include "compressed_allreduce.hpp"
+#include "elements.hpp"
 
 namespace mpopt::onebit {
 
@@ -73,6 +74,41 @@ struct options {
   std::size_t bucket_elements = std::size_t(1) << 20;
 };
 
+// The precision policies the 1-bit optimizers (host and CUDA) take; a static_assert says what to change.
+template <class Prec>
+constexpr bool supported_policy() {
+  static_assert(is_precision<Prec>::value,
+                "the 1-bit optimizers' 2nd argument must be an mpopt::precision<param<..>, master<..>, grad<..>, "
+                "state<..>>");
+  if constexpr (is_precision<Prec>::value) {
+    static_assert(std::is_same_v<typename Prec::master_rounding, nearest_rounding>,
+                  "stochastic rounding and Kahan summation are not implemented for the 1-bit optimizers; use "
+                  "master<T> (round to nearest)");
+    static_assert(std::is_same_v<typename Prec::compute_t, float>,
+                  "the 1-bit optimizers' compressed allreduce works in fp32; use an fp32 compute type");
+  }
+  return true;
+}
+
+// The checks of `options` every 1-bit optimizer makes, host or CUDA: the precision rule (see options) first.
+template <class Prec>
+inline constexpr bool verified_precision_v =
+    std::is_same_v<typename Prec::param_t, half_t> && std::is_same_v<typename Prec::grad_t, half_t>;
+
+template <class Rule, class Prec>
+status validate_options(const options& o) {
+  using param_t = typename Prec::param_t;
+  using grad_t = typename Prec::grad_t;
+  if (!verified_precision_v<Prec> && !o.accept_unverified_precision)
+    return status::invalid(std::string(Rule::name) +
+                           ": the 1-bit optimizers are verified for convergence only with fp16 params and grads "
+                           "(DeepSpeed's fp16 mode); this policy has " +
+                           dtype_name<param_t>() + " params and " + dtype_name<grad_t>() +
+                           " grads. Set onebit::options::accept_unverified_precision = true to run it anyway");
+  if (o.bucket_elements == 0) return status::invalid("onebit::options.bucket_elements must be > 0, got 0");
+  return status::success();
+}
+
 // 0/1 Adam's intervals and counters (identical on every rank). Unused by the other rules.
 struct schedule {
   std::int64_t var_interval = 1;         // exact (variance) steps happen at multiples of this
@@ -80,6 +116,16 @@ struct schedule {
   std::int64_t local_step_interval = 1;  // local phase: synchronise at multiples of this
   std::int64_t local_step_counter = 0;   // local steps taken at the current local_step_interval
 };
+
+// set_schedule's check (host and CUDA optimizers).
+inline status validate_schedule(const schedule& s) {
+  if (s.var_interval < 1 || s.local_step_interval < 1 || s.var_counter < 0 || s.local_step_counter < 0)
+    return status::invalid("set_schedule: intervals must be >= 1 and counters >= 0, got var_interval " +
+                           std::to_string(s.var_interval) + ", var_counter " + std::to_string(s.var_counter) +
+                           ", local_step_interval " + std::to_string(s.local_step_interval) + ", local_step_counter " +
+                           std::to_string(s.local_step_counter));
+  return status::success();
+}
 
 template <class Rule, class Prec, class Scaler = no_scaler>
 class optimizer {
@@ -89,14 +135,7 @@ class optimizer {
   static_assert(is_adam || is_zero_one || is_lamb,
                 "mpopt::onebit::optimizer: the rule must be mpopt::onebit_adam, mpopt::zero_one_adam or "
                 "mpopt::onebit_lamb; other rules go to mpopt::optimizer");
-  static_assert(is_precision<Prec>::value,
-                "mpopt::onebit::optimizer: the 2nd argument must be an mpopt::precision<param<..>, master<..>, "
-                "grad<..>, state<..>>");
-  static_assert(std::is_same_v<typename Prec::master_rounding, nearest_rounding>,
-                "mpopt::onebit::optimizer: stochastic rounding and Kahan summation are not implemented for the 1-bit "
-                "rules; use master<T> (round to nearest)");
-  static_assert(std::is_same_v<typename Prec::compute_t, float>,
-                "mpopt::onebit::optimizer: the 1-bit allreduce works in fp32; use an fp32 compute type");
+  static_assert(supported_policy<Prec>());
 
  public:
   using rule_type = Rule;
@@ -112,7 +151,8 @@ class optimizer {
   using C = typename Prec::compute_t;
   using group_type = param_group<Rule, Prec>;
 
-  static constexpr bool verified_precision = std::is_same_v<param_t, half_t> && std::is_same_v<grad_t, half_t>;
+  // fp16 params and grads: the precision the 1-bit family is verified with (see options).
+  static constexpr bool verified_precision = verified_precision_v<Prec>;
 
   // Collective over `comm` (host memory; it must outlive the optimizer): every rank constructs with the same group
   // layout (checked) and its own buffers, holding the same initial params. Throws mpopt::error naming the group and
@@ -128,14 +168,7 @@ class optimizer {
       throw error(status::invalid(std::string(Rule::name) +
                                   ": the host optimizer needs a host-memory communicator (mpi or single-rank), got " +
                                   comm.name()));
-    if (!verified_precision && !options_.accept_unverified_precision)
-      throw error(status::invalid(std::string(Rule::name) +
-                                  ": the 1-bit optimizers are verified for convergence only with fp16 params and "
-                                  "grads (DeepSpeed's fp16 mode); this policy has " +
-                                  dtype_name<param_t>() + " params and " + dtype_name<grad_t>() +
-                                  " grads. Set onebit::options::accept_unverified_precision = true to run it anyway"));
-    if (options_.bucket_elements == 0)
-      throw error(status::invalid("onebit::options.bucket_elements must be > 0, got 0"));
+    throw_if_error(validate_options<Rule, Prec>(options_));
     throw_if_error(Scaler::validate(scaler_args_));
     throw_if_error(mpopt::detail::validate_step_options(step_options_));
     for (std::size_t g = 0; g < groups.size(); ++g) throw_if_error(mpopt::detail::validate_group(groups[g], g));
@@ -294,10 +327,7 @@ class optimizer {
     step_ = step;
   }
   void set_schedule(const schedule& s) {
-    if (s.var_interval < 1 || s.local_step_interval < 1 || s.var_counter < 0 || s.local_step_counter < 0)
-      throw error(status::invalid("set_schedule: intervals must be >= 1 and counters >= 0, got var_interval " +
-                                  std::to_string(s.var_interval) + ", local_step_interval " +
-                                  std::to_string(s.local_step_interval)));
+    throw_if_error(validate_schedule(s));
     schedule_ = s;
   }
   void set_sync_point(std::size_t g, const float* values, std::size_t n, double lr_sum) {
@@ -539,13 +569,13 @@ class optimizer {
     const auto k = adam::prepare<C>(Rule::exact(grp.spec.hparams), step_ + 1);
     const grad_t* g = grp.step_grads;
     float* m = grp.work.data();
-    parallel_for(grp.spec.size, [&](std::size_t i) {
-      m[i] = onebit_math::momentum(load_state(grp, 0, i), k.beta1, k.one_minus_beta1, convert<C>(g[i]) * factor);
-    });
+    state_t* mom = grp.states[0].data();
+    const state_t* var = grp.states[1].data();
+    parallel_for(grp.spec.size, [&](std::size_t i) { m[i] = element::local_momentum<Prec>(k, mom[i], g[i], factor); });
     allreduce_(m, grp.layout, grp.errors);
+    master_t* w = grp.master();
     parallel_for(grp.spec.size, [&](std::size_t i) {
-      const C mi = store_state(grp, 0, i, grp.masked(i, m[i]));
-      store(grp, i, onebit_math::adam_weight(k, convert<C>(grp.master()[i]), mi, load_state(grp, 1, i)));
+      element::apply_momentum<Prec>(k, w[i], grp.spec.params[i], mom[i], var[i], C(grp.masked(i, m[i])));
     });
   }
 
@@ -584,13 +614,13 @@ class optimizer {
     const auto k = adam::prepare<C>(Rule::exact(grp.spec.hparams), step_ + 1);
     const grad_t* g = grp.step_grads;
     float* avg = grp.work.data();
-    parallel_for(grp.spec.size, [&](std::size_t i) { avg[i] = convert<C>(g[i]) * factor; });
+    parallel_for(grp.spec.size, [&](std::size_t i) { avg[i] = element::scaled_grad<Prec>(g[i], factor); });
     allreduce_(avg, grp.layout, grp.errors);
+    master_t* w = grp.master();
+    state_t* mom = grp.states[0].data();
+    const state_t* var = grp.states[1].data();
     parallel_for(grp.spec.size, [&](std::size_t i) {
-      const C mi = store_state(
-          grp, 0, i,
-          onebit_math::momentum(load_state(grp, 0, i), k.beta1, k.one_minus_beta1, C(grp.masked(i, avg[i]))));
-      store(grp, i, onebit_math::adam_weight(k, convert<C>(grp.master()[i]), mi, load_state(grp, 1, i)));
+      element::apply_averaged_grad<Prec>(k, w[i], grp.spec.params[i], mom[i], var[i], C(grp.masked(i, avg[i])));
     });
   }
 
@@ -604,31 +634,25 @@ class optimizer {
     const auto k = adam::prepare<C>(Rule::exact(a), step_ + 1);
     const grad_t* g = grp.step_grads;
     grp.lr_sum += a.lr;
+    master_t* w = grp.master();
+    state_t* mom = grp.states[0].data();
+    const state_t* var = grp.states[1].data();
     parallel_for(grp.spec.size, [&](std::size_t i) {
-      const C mi = store_state(
-          grp, 0, i,
-          onebit_math::momentum(load_state(grp, 0, i), k.beta1, k.one_minus_beta1, convert<C>(g[i]) * factor));
-      store(grp, i, onebit_math::adam_weight(k, convert<C>(grp.master()[i]), mi, load_state(grp, 1, i)));
+      element::apply_momentum<Prec>(k, w[i], grp.spec.params[i], mom[i], var[i],
+                                    element::local_momentum<Prec>(k, mom[i], g[i], factor));
     });
     if (!synchronise) return;
     float* x = grp.work.data();
     float* anchor = grp.anchor.data();
-    parallel_for(grp.spec.size, [&](std::size_t i) {
-      x[i] = (convert<C>(grp.master()[i]) - anchor[i]) * denominator(k, load_state(grp, 1, i));
-    });
+    parallel_for(grp.spec.size,
+                 [&](std::size_t i) { x[i] = element::accumulated_update<Prec>(k, w[i], anchor[i], var[i]); });
     allreduce_(x, grp.layout, grp.errors);
     const double lr_sum = grp.lr_sum;
     parallel_for(grp.spec.size, [&](std::size_t i) {
-      const C xi = C(grp.masked(i, x[i]));
-      if (lr_sum > 0) store_state(grp, 0, i, C(-double(xi) / lr_sum));
-      store(grp, i, anchor[i] + xi / denominator(k, load_state(grp, 1, i)));
-      anchor[i] = convert<float>(grp.master()[i]);
+      element::apply_synchronised<Prec>(k, w[i], grp.spec.params[i], mom[i], var[i], anchor[i], C(grp.masked(i, x[i])),
+                                        lr_sum);
     });
     grp.lr_sum = 0.0;
-  }
-
-  static C denominator(const adam::coeffs<C>& k, C v) {
-    return mpopt::detail::sqrt_c(v) + k.eps;
   }
 
   // 1-bit LAMB warm-up: exact LAMB on the mean grads (the per-tensor machinery of mpopt::optimizer<lamb>), keeping

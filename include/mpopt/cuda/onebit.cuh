@@ -1,0 +1,706 @@
+// mpopt::cuda::onebit::optimizer: 1-bit Adam and 0/1 Adam (rule/onebit.hpp) on the GPU, data-parallel over a
+// device-memory communicator (comm::nccl), with mpopt::onebit::optimizer's semantics step for step: the same phases
+// and schedules, the exact steps through the CUDA Adam update (so they are mpopt::adam bit for bit), the compressed
+// steps through cuda/compressed_allreduce.cuh (the host's format and order) and the per-element bodies of
+// onebit/elements.hpp. Built without fused multiply-adds (nvcc --fmad=false) a rank's bits are the host optimizer's.
+//
+// A step is enqueued on one stream and never waits for the device, with one exception: the phase, and so which
+// collective a step makes, is decided on the host from the count of *applied* steps. When the scaler can skip a step
+// (Scaler::skips_on_overflow), step() first waits for the previous step to end (an event recorded after it) and reads
+// whether it applied. That wait is for the previous optimizer step, not for the forward and backward enqueued since,
+// so it costs nothing unless the device runs a whole iteration behind. Without a skipping scaler every step applies and
+// nothing waits. The step is therefore not meant for graph capture (a captured phase would not change).
+//
+// A skipped step (overflow) writes nothing: every kernel, the compressed allreduce's included, reads the step's
+// `applied` flag from device memory, so the error buffers stay as they were, as on the host. In compressed and local
+// steps each rank's grads are local: the overflow flag is max-reduced over the ranks (a one-double all-reduce) so
+// that all skip together, and the clipping norm is the local one (as in DeepSpeed and the host optimizer).
+//
+// 1-bit LAMB stays on the host (mpopt::onebit::optimizer): its per-tensor coefficients and momentum equaliser have no
+// CUDA kernels yet.
+//
+// Usage (device pointers in the groups; comm an mpopt::comm::nccl, stream its stream):
+//   mpopt::cuda::onebit::optimizer<mpopt::onebit_adam, mpopt::fp16_mixed_policy, mpopt::dynamic_loss_scaler> opt(
+//       {group}, comm, scaler_args, step_options, {}, comm.stream());
+//   if (opt.next_communication() == mpopt::onebit::communication::exact_allreduce) { ... }
+//   opt.step(comm.stream());
+//   mpopt::step_result r = opt.result(comm.stream());  // optional: copies the outcome back and waits
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../comm/communicator.hpp"
+#include "../error.hpp"
+#include "../numeric/convert.hpp"
+#include "../onebit/elements.hpp"
+#include "../onebit/optimizer.hpp"
+#include "../optimizer.hpp"
+#include "../policy/precision.hpp"
+#include "../rule/onebit.hpp"
+#include "../scaler/scalers.hpp"
+#include "../zero/partition.hpp"
+#include "compressed_allreduce.cuh"
+#include "data_parallel.cuh"
+#include "error.cuh"
+#include "launch.cuh"
+#include "memory.cuh"
+#include "reduce.cuh"
+#include "scalars.cuh"
+#include "update.cuh"
+
+namespace mpopt::cuda::onebit {
+
+using mpopt::onebit::communication;
+using mpopt::onebit::phase;
+using mpopt::onebit::schedule;
+
+namespace detail {
+
+// The elementwise kernels of the compressed and local steps: which body of onebit/elements.hpp runs.
+enum class element_step : int {
+  local_momentum,       // work = the momentum advanced by the local grad (1-bit Adam, before the allreduce)
+  scaled_grad,          // work = the unscaled local grad (0/1 Adam, before the allreduce)
+  apply_momentum,       // momentum = masked(work), then the weight step (1-bit Adam, after)
+  apply_averaged_grad,  // momentum advanced by masked(work), then the weight step (0/1 Adam, after)
+  local_update,         // momentum advanced by the local grad, then the weight step (0/1 Adam's local step)
+  accumulated_update,   // work = the update since the sync point (0/1 Adam's synchronisation, before)
+  apply_synchronised,   // the averaged update applied to the sync point (after)
+};
+
+// One group's buffers for element_kernel (device pointers; unused ones null).
+template <class Prec>
+struct element_args {
+  typename Prec::master_t* master;
+  typename Prec::param_t* param;  // == master when the policy has no separate master
+  typename Prec::state_t* m;
+  const typename Prec::state_t* v;
+  const typename Prec::grad_t* grad;
+  float* work;
+  const std::uint8_t* mask;  // null: every element
+  float* anchor;
+  const adam::coeffs<typename Prec::compute_t>* k;  // the group's, prepared by the step-scalars kernel
+  double lr_sum;                                    // apply_synchronised: lr spent since the last synchronisation
+};
+
+// The templates exist so that every translation unit may define the kernels (a __global__ cannot be inline).
+template <element_step K, class Prec>
+__global__ void __launch_bounds__(block_threads)
+    element_kernel(element_args<Prec> a, std::uint64_t n, const step_core* core) {
+  namespace el = mpopt::onebit::element;
+  using C = typename Prec::compute_t;
+  if (!core->applied) return;
+  const adam::coeffs<C> k = *a.k;
+  const C factor = C(core->grad_factor);
+  for (std::uint64_t i = blockIdx.x * std::uint64_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::uint64_t(gridDim.x) * blockDim.x) {
+    const bool kept = a.mask == nullptr || a.mask[i] != 0;
+    if constexpr (K == element_step::local_momentum) {
+      a.work[i] = el::local_momentum<Prec>(k, a.m[i], a.grad[i], factor);
+    } else if constexpr (K == element_step::scaled_grad) {
+      a.work[i] = el::scaled_grad<Prec>(a.grad[i], factor);
+    } else if constexpr (K == element_step::apply_momentum) {
+      el::apply_momentum<Prec>(k, a.master[i], a.param[i], a.m[i], a.v[i], C(kept ? a.work[i] : 0.0f));
+    } else if constexpr (K == element_step::apply_averaged_grad) {
+      el::apply_averaged_grad<Prec>(k, a.master[i], a.param[i], a.m[i], a.v[i], C(kept ? a.work[i] : 0.0f));
+    } else if constexpr (K == element_step::local_update) {
+      el::apply_momentum<Prec>(k, a.master[i], a.param[i], a.m[i], a.v[i],
+                               el::local_momentum<Prec>(k, a.m[i], a.grad[i], factor));
+    } else if constexpr (K == element_step::accumulated_update) {
+      a.work[i] = el::accumulated_update<Prec>(k, a.master[i], a.anchor[i], a.v[i]);
+    } else {
+      el::apply_synchronised<Prec>(k, a.master[i], a.param[i], a.m[i], a.v[i], a.anchor[i], C(kept ? a.work[i] : 0.0f),
+                                   a.lr_sum);
+    }
+  }
+}
+
+// <<<1, block_threads>>>: *out = 1 when any of the n statistics flags is set, else 0 (a double, for the all-reduce).
+template <int = 0>
+__global__ void __launch_bounds__(block_threads) any_flag_kernel(const int* flags, std::uint32_t n, double* out) {
+  int any = 0;
+  for (std::uint32_t i = threadIdx.x; i < n; i += block_threads) any |= flags[i];
+  any = __syncthreads_or(any);
+  if (threadIdx.x == 0) *out = any != 0 ? 1.0 : 0.0;
+}
+
+// <<<1, 1>>>: the max-reduced flag back into the first statistics flag, which the step-scalars kernel ORs in.
+template <int = 0>
+__global__ void set_flag_kernel(const double* any, int* flags) {
+  if (*any != 0.0) flags[0] = 1;
+}
+
+struct event_deleter {
+  void operator()(cudaEvent_t e) const noexcept { (void)cudaEventDestroy(e); }
+};
+
+}  // namespace detail
+
+template <class Rule, class Prec, class Scaler = no_scaler>
+class optimizer {
+  static constexpr bool is_adam = std::is_same_v<Rule, onebit_adam>;
+  static constexpr bool is_zero_one = std::is_same_v<Rule, zero_one_adam>;
+  static_assert(!std::is_same_v<Rule, onebit_lamb>,
+                "mpopt::cuda::onebit::optimizer: 1-bit LAMB has no CUDA kernels yet; use the host "
+                "mpopt::onebit::optimizer<mpopt::onebit_lamb, ...>");
+  static_assert(is_adam || is_zero_one,
+                "mpopt::cuda::onebit::optimizer: the rule must be mpopt::onebit_adam or mpopt::zero_one_adam; other "
+                "rules go to mpopt::cuda::optimizer");
+  static_assert(mpopt::onebit::supported_policy<Prec>());
+
+ public:
+  using rule_type = Rule;
+  using precision_type = Prec;
+  using scaler_type = Scaler;
+  using args_type = typename Rule::args;
+  using scaler_args = typename Scaler::args;
+  using scaler_state_type = typename Scaler::state_type;
+  using param_t = typename Prec::param_t;
+  using master_t = typename Prec::master_t;
+  using grad_t = typename Prec::grad_t;
+  using state_t = typename Prec::state_t;
+  using compute_t = typename Prec::compute_t;
+  using group_type = mpopt::param_group<Rule, Prec>;
+  using scalars_type = step_scalars<scaler_state_type>;
+  static constexpr bool verified_precision = mpopt::onebit::verified_precision_v<Prec>;
+
+  // One GPU: the compressed allreduce is the identity (as in DeepSpeed and the host optimizer). Validates as the host
+  // optimizer does (same messages), plus alignment and device memory; allocates and initialises on `stream` and waits
+  // for it (the one synchronisation of construction).
+  explicit optimizer(std::vector<group_type> groups, scaler_args scaler = {}, step_options step_opts = {},
+                     mpopt::onebit::options opts = {}, cudaStream_t stream = nullptr)
+      : scaler_args_(scaler), step_options_(step_opts), options_(opts) {
+    init(std::move(groups), stream);
+  }
+
+  // Data-parallel over `comm`, a device-memory communicator that outlives the optimizer; `stream` must be its stream
+  // (every step() too). Collective: every rank constructs with the same group layout (checked) and the same initial
+  // params, with its own buffers.
+  optimizer(std::vector<group_type> groups, comm::communicator& comm, scaler_args scaler = {},
+            step_options step_opts = {}, mpopt::onebit::options opts = {}, cudaStream_t stream = nullptr)
+      : comm_(&comm), scaler_args_(scaler), step_options_(step_opts), options_(opts) {
+    if (comm.memory() != comm::memory_space::device)
+      throw error(status::invalid(std::string(Rule::name) +
+                                  ": the CUDA optimizer needs a device-memory communicator (nccl), got " + comm.name() +
+                                  "; host memory goes to mpopt::onebit::optimizer"));
+    world_ = comm.size();
+    cuda::detail::check_comm_stream(comm, stream, "construction");
+    init(std::move(groups), stream);
+  }
+
+  optimizer(const optimizer&) = delete;
+  optimizer& operator=(const optimizer&) = delete;
+  optimizer(optimizer&&) noexcept = default;
+  optimizer& operator=(optimizer&&) noexcept = default;
+  ~optimizer() = default;
+
+  // Enqueues one step on `stream`: the exact grad mean (exact steps on several ranks), statistics and step scalars,
+  // then the exact Adam update, or the compressed or local step with its 1-bit allreduce. Waits only as the header
+  // says. Launch failures are kept in last_error(); a collective that cannot be enqueued throws mpopt::error.
+  void step(cudaStream_t stream) {
+    if (comm_ != nullptr) cuda::detail::check_comm_stream(*comm_, stream, "step");
+    resolve();
+    last_error_ = status::success();
+    const std::int64_t s = step_ + 1;
+    const phase ph = phase_of(s);
+    const communication c = communication_of(s);
+    const bool exact = c == communication::exact_allreduce;
+    const bool several = world_ > 1;
+    if (exact && several)
+      for (group_storage& grp : groups_)
+        mean_.reduce(grp.reduce_part, zero::range{0, grp.spec.size}, grp.spec.grads, grp.reduced.get(), 0,
+                     /*accumulate=*/false, /*gather_means=*/true, last_error_, stream);
+
+    // Exact steps take statistics of the mean; the others of the local grads, sharing only the overflow flag.
+    const bool share_flag = !exact && several && Scaler::skips_on_overflow(scaler_args_);
+    const auto& stats = exact && several ? stats_mean_ : stats_local_;
+    const status scalars_status = enqueue_step_scalars<adam, Scaler, compute_t>(
+        stats, stats_grid_, stats_partials{partial_sum_.get(), partial_flag_.get(), 0, stats_grid_}, scaler_args_,
+        options_d_.get(), scalars_.get(), args_d_.get(), coeffs_d_.get(), std::uint32_t(groups_.size()), stream, [&] {
+          if (share_flag) share_overflow_flag(stream);
+        });
+    if (last_error_.ok()) last_error_ = scalars_status;
+
+    if (exact) {
+      note(
+          launch_update<adam, Prec, 2, 2>(exact_.entries(), exact_.map(), exact_grid_, coeffs_d_.get(), core(), stream),
+          "step: launch of the exact Adam update kernel");
+    } else if constexpr (is_adam) {
+      for (group_storage& grp : groups_) compressed_adam(grp, stream);
+    } else {
+      zero_one_step(s, ph, c, stream);
+    }
+
+    // What resolve() reads before the next step.
+    note(cudaMemcpyAsync(applied_h_.get(), applied_flag(), sizeof(std::int32_t), cudaMemcpyDeviceToHost, stream),
+         "step: cudaMemcpyAsync(applied flag)");
+    note(cudaEventRecord(done_.get(), stream), "step: cudaEventRecord");
+    pending_ = pending_step{true, s, ph, c};
+    for (std::size_t g = 0; g < groups_.size(); ++g) pending_lr_[g] = groups_[g].spec.hparams.lr;
+  }
+
+  // The phase and communication of the next step(); they may wait for the previous step (see the header).
+  phase next_phase() {
+    resolve();
+    return phase_of(step_ + 1);
+  }
+  communication next_communication() {
+    resolve();
+    return communication_of(step_ + 1);
+  }
+  // Applied steps so far (may wait for the previous step).
+  std::int64_t step_count() {
+    resolve();
+    return step_;
+  }
+
+  // The outcome of the latest step() on `stream`: copies the step scalars back and waits for the stream.
+  step_result result(cudaStream_t stream) const { return read_step_result(scalars_.get(), last_error_, stream); }
+  const status& last_error() const noexcept { return last_error_; }
+
+  std::size_t num_groups() const noexcept { return groups_.size(); }
+  std::size_t size(std::size_t g) const { return at(g).spec.size; }
+  const args_type& hparams(std::size_t g) const { return at(g).spec.hparams; }
+  // Validates, then writes the device copy on `stream` (later steps use it). The phase boundaries must be the same
+  // on every rank.
+  void set_hparams(std::size_t g, const args_type& a, cudaStream_t stream) {
+    check_group_index(g);
+    throw_if_error(mpopt::detail::with_group_prefix(Rule::validate(a), g));
+    store_value_kernel<adam::args><<<1, 1, 0, stream>>>(args_d_.get() + g, Rule::exact(a));
+    throw_if_cuda_error(cudaGetLastError(), "set_hparams: launch of the store kernel");
+    groups_[g].spec.hparams = a;
+  }
+  const step_options& options() const noexcept { return step_options_; }
+  const mpopt::onebit::options& onebit_options() const noexcept { return options_; }
+  const scaler_args& scaler_arguments() const noexcept { return scaler_args_; }
+  comm::communicator* communicator() const noexcept { return comm_; }
+
+  // Device pointers: the master (the params when the policy has none separate), the states (exp_avg, exp_avg_sq),
+  // the params.
+  master_t* master(std::size_t g) const { return at(g).master(); }
+  param_t* params(std::size_t g) const { return at(g).spec.params; }
+  int num_states(std::size_t) const noexcept { return Rule::max_states; }
+  state_t* state(std::size_t g, int j) const {
+    check_group_index(g);
+    if (j < 0 || j >= Rule::max_states)
+      throw error(status::invalid("state index " + std::to_string(j) + " out of range for group " + std::to_string(g) +
+                                  " (" + std::to_string(Rule::max_states) + " states)"));
+    return groups_[g].states[std::size_t(j)].get();
+  }
+  // This rank's error-feedback buffers of group g (device memory; they differ per rank) and their layout.
+  error_feedback& errors(std::size_t g) {
+    check_group_index(g);
+    return groups_[g].errors;
+  }
+  const compressed_layout& error_layout(std::size_t g) const { return at(g).layout; }
+  // 0/1 Adam: the weights at the last synchronisation (device memory, group size floats) and the lr spent since; the
+  // schedule. They may wait for the previous step.
+  const float* sync_point(std::size_t g) const {
+    static_assert(is_zero_one, "sync_point: only mpopt::zero_one_adam takes local steps");
+    return at(g).anchor.get();
+  }
+  double accumulated_lr(std::size_t g) {
+    resolve();
+    return at(g).lr_sum;
+  }
+  const schedule& current_schedule() {
+    resolve();
+    return schedule_;
+  }
+
+  // Checkpoint restore (checkpoint/cuda.cuh). Each waits for a pending step first; the device writes go on `stream`
+  // and are waited for. The buffers themselves (master, states, params, errors, sync point) are written through the
+  // device pointers above.
+  void set_step_count(std::int64_t step, cudaStream_t stream) {
+    if (step < 0) throw error(status::invalid("set_step_count: step must be >= 0, got " + std::to_string(step)));
+    resolve();
+    store_value_kernel<std::int64_t><<<1, 1, 0, stream>>>(mutable_field<std::int64_t>(offsetof(step_core, step)), step);
+    throw_if_cuda_error(cudaGetLastError(), "set_step_count: launch of the store kernel");
+    throw_if_cuda_error(cudaStreamSynchronize(stream), "cudaStreamSynchronize (set_step_count)");
+    step_ = step;
+  }
+  void set_schedule(const schedule& s) {
+    throw_if_error(mpopt::onebit::validate_schedule(s));
+    resolve();
+    schedule_ = s;
+  }
+  void set_accumulated_lr(std::size_t g, double lr_sum) {
+    static_assert(is_zero_one, "set_accumulated_lr: only mpopt::zero_one_adam takes local steps");
+    resolve();
+    at(g).lr_sum = lr_sum;
+  }
+  float* sync_point(std::size_t g) {
+    static_assert(is_zero_one, "sync_point: only mpopt::zero_one_adam takes local steps");
+    return at(g).anchor.get();
+  }
+  // Synchronising: the scaler state as of `stream`, and setting it (with the scale the next backward reads).
+  scaler_state_type scaler_state(cudaStream_t stream) const {
+    scaler_state_type st{};
+    cuda::detail::copy_from_device(&st, field<scaler_state_type>(offsetof(scalars_type, scaler)), sizeof st,
+                                   "scaler state", stream);
+    return st;
+  }
+  void set_scaler_state(const scaler_state_type& st, cudaStream_t stream) {
+    store_scaler_state_kernel<Scaler><<<1, 1, 0, stream>>>(scalars_.get(), st, scaler_args_);
+    throw_if_cuda_error(cudaGetLastError(), "set_scaler_state: launch of the store kernel");
+    throw_if_cuda_error(cudaStreamSynchronize(stream), "cudaStreamSynchronize (set_scaler_state)");
+  }
+
+  // A 0/1 mask over group g's elements (host memory, n == size(g); DeepSpeed's exp_avg_mask), copied to the device on
+  // `stream`; null clears it. As the host optimizer's set_momentum_mask.
+  void set_momentum_mask(std::size_t g, const std::uint8_t* mask, std::size_t n, cudaStream_t stream) {
+    check_group_index(g);
+    group_storage& grp = groups_[g];
+    if (mask == nullptr) {
+      grp.mask = device_buffer<std::uint8_t>();
+      return;
+    }
+    if (n != grp.spec.size)
+      throw error(status::invalid("set_momentum_mask: group " + std::to_string(g) + " has " +
+                                  std::to_string(grp.spec.size) + " elements, got n = " + std::to_string(n)));
+    for (std::size_t i = 0; i < n; ++i)
+      if (mask[i] > 1)
+        throw error(status::invalid("set_momentum_mask: mask[" + std::to_string(i) + "] must be 0 or 1, got " +
+                                    std::to_string(int(mask[i]))));
+    device_buffer<std::uint8_t> d(n, "momentum mask of group " + std::to_string(g));
+    cuda::detail::copy_to_device(d.get(), mask, n, "momentum mask", stream);
+    grp.mask = std::move(d);
+  }
+
+  // The step scalars and the scale for the next backward, in device memory (see mpopt::cuda::optimizer).
+  const scalars_type* device_scalars() const noexcept { return scalars_.get(); }
+  const float* device_loss_scale() const noexcept { return field<float>(offsetof(step_core, next_loss_scale)); }
+
+ private:
+  using reduce_type = mpopt::detail::reduce_t<grad_t>;
+  using entry_type = tensor_entry<Prec, 2>;
+  using coeffs_type = adam::coeffs<compute_t>;
+  using element_step = detail::element_step;
+
+  struct group_storage {
+    group_type spec;
+    device_buffer<master_t> master_copy;  // empty when the param buffer is the master
+    std::vector<device_buffer<state_t>> states;
+    device_buffer<grad_t> reduced;  // exact steps on several ranks: the mean grads
+    device_buffer<float> work;      // what the 1-bit allreduce averages
+    device_buffer<std::uint8_t> mask;
+    device_buffer<float> anchor;  // 0/1 Adam: the weights at the last synchronisation
+    compressed_layout layout;
+    error_feedback errors;
+    zero::partition reduce_part;
+    double lr_sum = 0.0;  // 0/1 Adam: lr spent in local steps since the last synchronisation (applied steps)
+
+    master_t* master() const {
+      if constexpr (Prec::separate_master) {
+        return master_copy.get();
+      } else {
+        return spec.params;
+      }
+    }
+    const grad_t* mean_grads() const { return reduced.size() > 0 ? reduced.get() : spec.grads; }
+  };
+
+  // A step enqueued but not yet known to have applied (resolve() learns it).
+  struct pending_step {
+    bool valid = false;
+    std::int64_t s = 0;
+    phase ph = phase::warmup;
+    communication c = communication::exact_allreduce;
+  };
+
+  const group_storage& at(std::size_t g) const {
+    check_group_index(g);
+    return groups_[g];
+  }
+  group_storage& at(std::size_t g) {
+    check_group_index(g);
+    return groups_[g];
+  }
+  void check_group_index(std::size_t g) const {
+    if (g >= groups_.size())
+      throw error(status::invalid("group index " + std::to_string(g) + " out of range (" +
+                                  std::to_string(groups_.size()) + " groups)"));
+  }
+  void note(cudaError_t err, const char* what) { cuda::detail::keep_first_error(last_error_, err, what); }
+  const step_core* core() const { return reinterpret_cast<const step_core*>(scalars_.get()); }
+  // A field of the device step scalars, by byte offset (never dereferenced on the host).
+  template <class T>
+  const T* field(std::size_t offset) const {
+    return reinterpret_cast<const T*>(reinterpret_cast<const char*>(scalars_.get()) + offset);
+  }
+  template <class T>
+  T* mutable_field(std::size_t offset) {
+    return reinterpret_cast<T*>(reinterpret_cast<char*>(scalars_.get()) + offset);
+  }
+  const std::int32_t* applied_flag() const { return field<std::int32_t>(offsetof(step_core, applied)); }
+
+  phase phase_of(std::int64_t s) const {
+    if (groups_.empty()) return phase::warmup;
+    const args_type& a = groups_[0].spec.hparams;
+    if constexpr (is_zero_one) {
+      return s <= a.var_freeze_step ? phase::warmup : phase::local_steps;
+    } else {
+      return s <= a.freeze_step ? phase::warmup : phase::compressed;
+    }
+  }
+  // As mpopt::onebit::optimizer::next_communication for step s.
+  communication communication_of(std::int64_t s) const {
+    switch (phase_of(s)) {
+      case phase::warmup:
+        if constexpr (is_zero_one)
+          return s % schedule_.var_interval == 0 ? communication::exact_allreduce : communication::compressed_allreduce;
+        return communication::exact_allreduce;
+      case phase::compressed: return communication::compressed_allreduce;
+      case phase::local_steps:
+        return s % schedule_.local_step_interval == 0 ? communication::compressed_allreduce : communication::none;
+    }
+    return communication::none;
+  }
+
+  // Learns whether the pending step applied (waiting for it only when the scaler can skip) and, if so, advances the
+  // host's counters as the host optimizer does after an applied step.
+  void resolve() {
+    if (!pending_.valid) return;
+    bool applied = true;
+    if (Scaler::skips_on_overflow(scaler_args_)) {
+      throw_if_cuda_error(cudaEventSynchronize(done_.get()), "cudaEventSynchronize (the previous step)");
+      applied = *applied_h_.get() != 0;
+    }
+    const pending_step p = pending_;
+    pending_.valid = false;
+    if (!applied) return;
+    step_ = p.s;
+    if constexpr (is_zero_one) {
+      if (groups_.empty()) return;
+      const zero_one_adam::args& a = groups_[0].spec.hparams;
+      if (p.ph == phase::warmup) {
+        if (p.s % schedule_.var_interval == 0 && ++schedule_.var_counter == a.var_update_scaler) {
+          schedule_.var_counter = 0;
+          schedule_.var_interval *= 2;
+        }
+        return;
+      }
+      for (std::size_t g = 0; g < groups_.size(); ++g)
+        groups_[g].lr_sum = p.c == communication::compressed_allreduce ? 0.0 : groups_[g].lr_sum + pending_lr_[g];
+      if (++schedule_.local_step_counter == a.local_step_scaler) {
+        schedule_.local_step_counter = 0;
+        schedule_.local_step_interval = std::min(a.local_step_clipper, 2 * schedule_.local_step_interval);
+      }
+    }
+  }
+
+  detail::element_args<Prec> args_of(std::size_t g) const {
+    const group_storage& grp = groups_[g];
+    detail::element_args<Prec> a{};
+    a.master = grp.master();
+    a.param = grp.spec.params;
+    a.m = grp.states[0].get();
+    a.v = grp.states[1].get();
+    a.grad = grp.spec.grads;
+    a.work = grp.work.get();
+    a.mask = grp.mask.get();
+    a.anchor = grp.anchor.get();
+    a.k = coeffs_d_.get() + g;
+    return a;
+  }
+
+  template <element_step K>
+  void launch(const detail::element_args<Prec>& a, std::uint64_t n, cudaStream_t stream) {
+    if (n == 0) return;
+    detail::element_kernel<K, Prec><<<elementwise_grid(n), block_threads, 0, stream>>>(a, n, core());
+    note(cudaGetLastError(), "step: launch of a 1-bit element kernel");
+  }
+
+  // The 1-bit allreduce of group grp's work buffer; nothing on one rank, and nothing (on every rank) when the step
+  // is skipped.
+  void average(group_storage& grp) {
+    if (allreduce_) (*allreduce_)(grp.work.get(), grp.layout, grp.errors, applied_flag());
+  }
+
+  std::size_t index_of(const group_storage& grp) const { return std::size_t(&grp - groups_.data()); }
+
+  // 1-bit Adam's compressed step: local momentum, its 1-bit average, then Adam with the frozen variance.
+  void compressed_adam(group_storage& grp, cudaStream_t stream) {
+    const detail::element_args<Prec> a = args_of(index_of(grp));
+    launch<element_step::local_momentum>(a, grp.spec.size, stream);
+    average(grp);
+    launch<element_step::apply_momentum>(a, grp.spec.size, stream);
+  }
+
+  void zero_one_step(std::int64_t s, phase ph, communication c, cudaStream_t stream) {
+    if (ph == phase::warmup) {  // the exact steps went through the Adam update
+      for (group_storage& grp : groups_) {
+        const detail::element_args<Prec> a = args_of(index_of(grp));
+        launch<element_step::scaled_grad>(a, grp.spec.size, stream);
+        average(grp);
+        launch<element_step::apply_averaged_grad>(a, grp.spec.size, stream);
+      }
+      return;
+    }
+    // The first local step: the errors so far were of grads, from now on of accumulated updates; the sync point is
+    // where the ranks last agreed. Repeating this after a skipped attempt gives the same buffers.
+    if (s == groups_[0].spec.hparams.var_freeze_step + 1) {
+      for (group_storage& grp : groups_) {
+        grp.errors.reset(stream);
+        note(launch_convert(grp.anchor.get(), grp.master(), grp.spec.size, stream),
+             "step: launch of the sync point copy");
+      }
+    }
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      group_storage& grp = groups_[g];
+      detail::element_args<Prec> a = args_of(g);
+      launch<element_step::local_update>(a, grp.spec.size, stream);
+      if (c != communication::compressed_allreduce) continue;
+      launch<element_step::accumulated_update>(a, grp.spec.size, stream);
+      average(grp);
+      a.lr_sum = grp.lr_sum + grp.spec.hparams.lr;  // this step's lr counts once it applies
+      launch<element_step::apply_synchronised>(a, grp.spec.size, stream);
+    }
+  }
+
+  // Every rank skips when any rank's local grads overflowed.
+  void share_overflow_flag(cudaStream_t stream) {
+    detail::any_flag_kernel<><<<1, block_threads, 0, stream>>>(partial_flag_.get(), stats_grid_, any_flag_.get());
+    note(cudaGetLastError(), "step: launch of the overflow flag kernel");
+    comm_->all_reduce(any_flag_.get(), 1, comm::reduce_op::max);
+    detail::set_flag_kernel<><<<1, 1, 0, stream>>>(any_flag_.get(), partial_flag_.get());
+    note(cudaGetLastError(), "step: launch of the overflow flag kernel");
+  }
+
+  void init(std::vector<group_type> groups, cudaStream_t stream) {
+    throw_if_error(mpopt::onebit::validate_options<Rule, Prec>(options_));
+    throw_if_error(Scaler::validate(scaler_args_));
+    throw_if_error(mpopt::detail::validate_step_options(step_options_));
+    for (std::size_t g = 0; g < groups.size(); ++g) {
+      throw_if_error(mpopt::detail::validate_group(groups[g], g));
+      throw_if_error(cuda::detail::check_group_buffers(groups[g], g));
+    }
+    int device = 0;
+    throw_if_cuda_error(cudaGetDevice(&device), "cudaGetDevice");
+    for (std::size_t g = 0; g < groups.size(); ++g)
+      throw_if_error(cuda::detail::check_group_memory(groups[g], g, device));
+    if (comm_ != nullptr) cuda::detail::check_same_layout(*comm_, -1, groups, stream);
+
+    std::size_t largest = 0;
+    for (const group_type& spec : groups) largest = std::max(largest, spec.size);
+    groups_.reserve(groups.size());
+    for (std::size_t g = 0; g < groups.size(); ++g) groups_.push_back(make_group(std::move(groups[g]), g, stream));
+    if (world_ > 1) {
+      mean_ = cuda::detail::grad_mean<reduce_type>(*comm_, largest, options_.bucket_elements);
+      allreduce_.emplace(*comm_, largest, stream);
+      any_flag_ = device_buffer<double>(1, "overflow flag");
+    }
+    build_tables();
+
+    const std::size_t ng = groups_.size();
+    args_d_ = device_buffer<adam::args>(ng, "hyper-parameters");
+    coeffs_d_ = device_buffer<coeffs_type>(ng, "rule coefficients");
+    std::vector<adam::args> args(ng);
+    for (std::size_t g = 0; g < ng; ++g) args[g] = Rule::exact(groups_[g].spec.hparams);
+    if (ng > 0) cuda::detail::copy_to_device(args_d_.get(), args.data(), args_d_.bytes(), "hyper-parameters", stream);
+    init_step_state<Scaler>(step_options_, scaler_args_, options_d_, scalars_, stream);
+    pending_lr_.assign(ng, 0.0);
+    applied_h_ = pinned_buffer<std::int32_t>(1, "applied flag");
+    cudaEvent_t e = nullptr;
+    throw_if_cuda_error(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+    done_.reset(e);
+    throw_if_cuda_error(cudaStreamSynchronize(stream), "cudaStreamSynchronize (optimizer construction)");
+  }
+
+  group_storage make_group(group_type spec, std::size_t g, cudaStream_t stream) const {
+    group_storage grp;
+    const std::string where = " of group " + std::to_string(g);
+    const std::size_t n = spec.size;
+    if constexpr (Prec::separate_master)
+      grp.master_copy = converted_buffer<master_t>(n, spec.params, n, "master" + where, stream);
+    for (int j = 0; j < Rule::max_states; ++j)
+      grp.states.push_back(
+          filled_buffer<state_t>(n, convert<state_t>(0.0f), std::string(Rule::state_names[j]) + where, stream));
+    if (world_ > 1) grp.reduced = device_buffer<grad_t>(n, "mean grads" + where);
+    grp.work = device_buffer<float>(n, "1-bit work buffer" + where);
+    grp.layout = compressed_layout::make(n, world_);
+    grp.errors = error_feedback(grp.layout, stream);
+    grp.reduce_part = zero::make_partition(n, world_);
+    if constexpr (is_zero_one) grp.anchor = device_buffer<float>(n, "sync point" + where);
+    grp.spec = std::move(spec);
+    return grp;
+  }
+
+  void build_tables() {
+    std::vector<grad_entry<grad_t>> local, mean;
+    std::vector<entry_type> entries;
+    std::uint64_t chunks = 0;
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      const group_storage& grp = groups_[g];
+      local.push_back({grp.spec.grads, grp.spec.size, is_aligned(grp.spec.grads, vector_bytes) ? 1u : 0u});
+      mean.push_back({grp.mean_grads(), grp.spec.size, is_aligned(grp.mean_grads(), vector_bytes) ? 1u : 0u});
+      chunks += (grp.spec.size + stats_chunk_elems<grad_t> - 1) / stats_chunk_elems<grad_t>;
+      entry_type e{};
+      e.param = grp.spec.params;
+      e.master = grp.master();
+      e.grad = grp.mean_grads();
+      e.states[0] = grp.states[0].get();
+      e.states[1] = grp.states[1].get();
+      e.n = grp.spec.size;
+      e.group = std::uint32_t(g);
+      const bool aligned = is_aligned(e.master, vector_bytes) && is_aligned(e.grad, vector_bytes) &&
+                           (!Prec::separate_master || is_aligned(e.param, vector_bytes)) &&
+                           is_aligned(e.states[0], vector_bytes) && is_aligned(e.states[1], vector_bytes);
+      e.vector_ok = aligned ? 1u : 0u;
+      entries.push_back(e);
+    }
+    stats_local_ = device_table<grad_entry<grad_t>>(local, stats_chunk_elems<grad_t>, "local statistics");
+    if (world_ > 1) stats_mean_ = device_table<grad_entry<grad_t>>(mean, stats_chunk_elems<grad_t>, "statistics");
+    stats_grid_ = stats_grid(chunks);
+    partial_sum_ = device_buffer<double>(stats_grid_, "statistics partial sums");
+    partial_flag_ = device_buffer<int>(stats_grid_, "statistics partial flags");
+    const std::uint32_t chunk = std::uint32_t(block_threads) * update_vector_width<Prec> * 4;
+    exact_ = device_table<entry_type>(entries, chunk, "exact update");
+    exact_grid_ = exact_.empty() ? 0u
+                                 : grid_for(resident_blocks(update_kernel<adam, Prec, 2, 2>, "exact update"),
+                                            exact_.map().total_chunks);
+  }
+
+  comm::communicator* comm_ = nullptr;  // null: one GPU
+  int world_ = 1;
+  std::vector<group_storage> groups_;
+  scaler_args scaler_args_;
+  step_options step_options_;
+  mpopt::onebit::options options_;
+  status last_error_;
+
+  // Host view of the schedule: applied steps, as the host optimizer counts them.
+  std::int64_t step_ = 0;
+  schedule schedule_;
+  pending_step pending_;
+  std::vector<double> pending_lr_;  // each group's lr when the pending step was enqueued
+  pinned_buffer<std::int32_t> applied_h_;
+  std::unique_ptr<CUevent_st, detail::event_deleter> done_;
+
+  cuda::detail::grad_mean<reduce_type> mean_;
+  std::optional<compressed_allreduce> allreduce_;
+  device_buffer<double> any_flag_;
+
+  device_buffer<adam::args> args_d_;
+  device_buffer<coeffs_type> coeffs_d_;
+  device_buffer<device_options> options_d_;
+  device_buffer<scalars_type> scalars_;
+
+  device_table<grad_entry<grad_t>> stats_local_, stats_mean_;
+  std::uint32_t stats_grid_ = 0;
+  device_buffer<double> partial_sum_;
+  device_buffer<int> partial_flag_;
+  device_table<entry_type> exact_;
+  std::uint32_t exact_grid_ = 0;
+};
+
+}  // namespace mpopt::cuda::onebit
