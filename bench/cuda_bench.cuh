@@ -6,9 +6,12 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
+#include "mpopt/cuda/memory.cuh"
+#include "mpopt/error.hpp"
 #include "mpopt/numeric/convert.hpp"
 
 namespace mpopt_bench {
@@ -53,6 +56,40 @@ void time_loop(benchmark::State& state, cudaStream_t stream, Enqueue&& enqueue, 
   }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
+}
+
+// Runs run(stream) on a new non-blocking stream and destroys it; an mpopt::error (an allocation that does not fit,
+// mostly) skips the benchmark with its message.
+template <class Run>
+void on_new_stream(benchmark::State& state, Run&& run) {
+  cudaStream_t stream;
+  if (!check(state, cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate")) return;
+  try {
+    run(stream);
+  } catch (const mpopt::error& e) {
+    state.SkipWithError(e.what());
+  }
+  cudaStreamDestroy(stream);
+}
+
+// Bytes/s over `bytes` per iteration, and the counters that make a row read as a fraction of bandwidth.
+inline void report_bytes(benchmark::State& state, std::size_t params, double bytes) {
+  state.SetBytesProcessed(std::int64_t(double(state.iterations()) * bytes));
+  state.counters["bytes_per_param"] = bytes / double(params);
+  state.counters["params"] = double(params);
+}
+
+// The ceiling of a step that moves bytes_per_param for each of n params: a device-to-device copy reading and
+// writing half of those bytes each.
+inline void copy_ceiling(benchmark::State& state, std::size_t n, std::size_t bytes_per_param) {
+  const std::size_t half = n * bytes_per_param / 2;
+  on_new_stream(state, [&](cudaStream_t stream) {
+    mpopt::cuda::device_buffer<unsigned char> src(half, "copy source"), dst(half, "copy destination");
+    if (check(state, cudaMemsetAsync(src.get(), 1, half, stream), "cudaMemsetAsync"))
+      time_loop(state, stream, [&] { cudaMemcpyAsync(dst.get(), src.get(), half, cudaMemcpyDeviceToDevice, stream); });
+    check(state, cudaStreamSynchronize(stream), "cudaMemcpyAsync");
+  });
+  report_bytes(state, n, double(2 * half));
 }
 
 }  // namespace mpopt_bench

@@ -26,7 +26,10 @@
 namespace {
 
 using mpopt_bench::check;
+using mpopt_bench::copy_ceiling;
 using mpopt_bench::init_buffers;
+using mpopt_bench::on_new_stream;
+using mpopt_bench::report_bytes;
 using mpopt_bench::time_loop;
 
 // Bytes one AdamW step moves per parameter: the fused update (read grad, master, exp_avg, exp_avg_sq; write master,
@@ -107,36 +110,8 @@ void run_adamw(benchmark::State& state, cudaStream_t stream, std::size_t n, layo
 
 template <class Prec, class Scaler>
 void bm_adamw(benchmark::State& state, std::size_t n, layout lay) {
-  cudaStream_t stream;
-  if (!check(state, cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate")) return;
-  try {
-    run_adamw<Prec, Scaler>(state, stream, n, lay);
-  } catch (const mpopt::error& e) {  // an allocation that does not fit, mostly
-    state.SkipWithError(e.what());
-  }
-  cudaStreamDestroy(stream);
-  const std::size_t bytes = step_bytes_per_param<Prec>();
-  state.SetBytesProcessed(std::int64_t(state.iterations()) * std::int64_t(n * bytes));
-  state.counters["bytes_per_param"] = double(bytes);
-  state.counters["params"] = double(n);
-}
-
-void bm_copy(benchmark::State& state, std::size_t n, std::size_t bytes_per_param) {
-  const std::size_t half = n * bytes_per_param / 2;
-  cudaStream_t stream;
-  if (!check(state, cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate")) return;
-  try {
-    mpopt::cuda::device_buffer<unsigned char> src(half, "copy source"), dst(half, "copy destination");
-    if (check(state, cudaMemsetAsync(src.get(), 1, half, stream), "cudaMemsetAsync"))
-      time_loop(state, stream, [&] { cudaMemcpyAsync(dst.get(), src.get(), half, cudaMemcpyDeviceToDevice, stream); });
-    cudaStreamSynchronize(stream);
-  } catch (const mpopt::error& e) {
-    state.SkipWithError(e.what());
-  }
-  cudaStreamDestroy(stream);
-  state.SetBytesProcessed(std::int64_t(state.iterations()) * std::int64_t(2 * half));
-  state.counters["bytes_per_param"] = double(bytes_per_param);
-  state.counters["params"] = double(n);
+  on_new_stream(state, [&](cudaStream_t stream) { run_adamw<Prec, Scaler>(state, stream, n, lay); });
+  report_bytes(state, n, double(n * step_bytes_per_param<Prec>()));
 }
 
 template <class Prec, class Scaler>
@@ -149,8 +124,9 @@ void register_policy(const std::string& policy, const std::vector<std::size_t>& 
       b->UseManualTime()->Unit(benchmark::kMicrosecond);
       if (n >= (std::size_t(1) << 28)) b->Iterations(20);
     }
-    auto* c = benchmark::RegisterBenchmark(("copy/" + policy + "/" + std::to_string(n)).c_str(),
-                                           [n](benchmark::State& s) { bm_copy(s, n, step_bytes_per_param<Prec>()); });
+    auto* c =
+        benchmark::RegisterBenchmark(("copy/" + policy + "/" + std::to_string(n)).c_str(),
+                                     [n](benchmark::State& s) { copy_ceiling(s, n, step_bytes_per_param<Prec>()); });
     c->UseManualTime()->Unit(benchmark::kMicrosecond);
     if (n >= (std::size_t(1) << 28)) c->Iterations(20);
   }

@@ -38,7 +38,10 @@ using mpopt::onebit::communication;
 using mpopt::onebit::compressed_layout;
 using mpopt::onebit::word_t;
 using mpopt_bench::check;
+using mpopt_bench::copy_ceiling;
 using mpopt_bench::init_buffers;
+using mpopt_bench::on_new_stream;
+using mpopt_bench::report_bytes;
 using mpopt_bench::time_loop;
 namespace cob = mpopt::cuda::onebit;
 
@@ -157,36 +160,8 @@ void run_step(benchmark::State& state, cudaStream_t stream, std::size_t n, mode 
 
 template <class Rule>
 void bm_step(benchmark::State& state, std::size_t n, mode m) {
-  cudaStream_t stream;
-  if (!check(state, cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate")) return;
-  try {
-    run_step<Rule>(state, stream, n, m);
-  } catch (const mpopt::error& e) {  // an allocation that does not fit, mostly
-    state.SkipWithError(e.what());
-  }
-  cudaStreamDestroy(stream);
-  const std::size_t bytes = step_bytes_per_param<prec>(m);
-  state.SetBytesProcessed(std::int64_t(state.iterations()) * std::int64_t(n * bytes));
-  state.counters["bytes_per_param"] = double(bytes);
-  state.counters["params"] = double(n);
-}
-
-void bm_copy(benchmark::State& state, std::size_t n, std::size_t bytes_per_param) {
-  const std::size_t half = n * bytes_per_param / 2;
-  cudaStream_t stream;
-  if (!check(state, cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate")) return;
-  try {
-    mpopt::cuda::device_buffer<unsigned char> src(half, "copy source"), dst(half, "copy destination");
-    if (check(state, cudaMemsetAsync(src.get(), 1, half, stream), "cudaMemsetAsync"))
-      time_loop(state, stream, [&] { cudaMemcpyAsync(dst.get(), src.get(), half, cudaMemcpyDeviceToDevice, stream); });
-    check(state, cudaStreamSynchronize(stream), "cudaMemcpyAsync");
-  } catch (const mpopt::error& e) {
-    state.SkipWithError(e.what());
-  }
-  cudaStreamDestroy(stream);
-  state.SetBytesProcessed(std::int64_t(state.iterations()) * std::int64_t(2 * half));
-  state.counters["bytes_per_param"] = double(bytes_per_param);
-  state.counters["params"] = double(n);
+  on_new_stream(state, [&](cudaStream_t stream) { run_step<Rule>(state, stream, n, m); });
+  report_bytes(state, n, double(n * step_bytes_per_param<prec>(m)));
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -300,18 +275,8 @@ void run_compress(benchmark::State& state, cudaStream_t stream, std::size_t n, i
 }
 
 void bm_compress(benchmark::State& state, std::size_t n, int world, pass p) {
-  cudaStream_t stream;
-  if (!check(state, cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate")) return;
-  try {
-    run_compress(state, stream, n, world, p);
-  } catch (const mpopt::error& e) {
-    state.SkipWithError(e.what());
-  }
-  cudaStreamDestroy(stream);
-  const std::size_t bytes = pass_bytes(compressed_layout::make(n, world), p);
-  state.SetBytesProcessed(std::int64_t(state.iterations()) * std::int64_t(bytes));
-  state.counters["bytes_per_param"] = double(bytes) / double(n);
-  state.counters["params"] = double(n);
+  on_new_stream(state, [&](cudaStream_t stream) { run_compress(state, stream, n, world, p); });
+  report_bytes(state, n, double(pass_bytes(compressed_layout::make(n, world), p)));
   state.counters["world"] = double(world);
 }
 
@@ -343,7 +308,7 @@ int main(int argc, char** argv) {
     for (mode m : {mode::exact, mode::compressed, mode::local}) {
       const std::size_t bytes = step_bytes_per_param<prec>(m);
       timed(benchmark::RegisterBenchmark(("copy/" + std::to_string(bytes) + "B/" + size_label(n)).c_str(),
-                                         [n, bytes](benchmark::State& s) { bm_copy(s, n, bytes); }),
+                                         [n, bytes](benchmark::State& s) { copy_ceiling(s, n, bytes); }),
             n);
     }
   }
