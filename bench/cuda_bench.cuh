@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <string>
 
 #include "mpopt/cuda/memory.cuh"
@@ -90,6 +91,19 @@ inline void copy_ceiling(benchmark::State& state, std::size_t n, std::size_t byt
     check(state, cudaStreamSynchronize(stream), "cudaMemcpyAsync");
   });
   report_bytes(state, n, double(2 * half));
+}
+
+// main() of a CUDA benchmark after registering: runs what was registered (and says up front when there is no
+// device, since every benchmark would then report an error). Returns main's exit code.
+inline int run_registered(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0)
+    std::fprintf(stderr, "no CUDA device: every benchmark will report an error\n");
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
 }
 
 }  // namespace mpopt_bench

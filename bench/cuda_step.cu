@@ -13,7 +13,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdio>
 #include <memory>
 #include <string>
 #include <vector>
@@ -141,12 +140,5 @@ int main(int argc, char** argv) {
   register_policy<mpopt::bf16_mixed_policy, mpopt::no_scaler>("bf16_mixed", sizes);
   register_policy<mpopt::fp16_mixed_policy, mpopt::dynamic_scaler>("fp16_mixed_dynamic", sizes);
   register_policy<bf16_pure, mpopt::no_scaler>("bf16_pure", sizes);
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0)
-    std::fprintf(stderr, "no CUDA device: every benchmark will report an error\n");
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+  return mpopt_bench::run_registered(argc, argv);
 }

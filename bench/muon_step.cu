@@ -13,7 +13,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdio>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -105,12 +104,5 @@ void register_gemm(const char* name) {
 int main(int argc, char** argv) {
   register_gemm<mpopt::bf16_t>("bf16");
   register_gemm<float>("fp32");
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0)
-    std::fprintf(stderr, "no CUDA device: every benchmark will report an error\n");
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+  return mpopt_bench::run_registered(argc, argv);
 }
