@@ -50,7 +50,7 @@ template <class R>
 class grad_mean {
  public:
   grad_mean() = default;
-  // `largest`: the most elements one call reduces.
+  // `largest`: the most elements one call reduces (0: gathers only, no workspace).
   grad_mean(comm::communicator& comm, std::size_t largest, std::size_t bucket_elements)
       : comm_(&comm), bucket_(bucket_elements) {
     const std::size_t n = std::min(largest, bucket_elements);

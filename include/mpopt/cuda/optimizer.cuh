@@ -455,7 +455,9 @@ class optimizer {
       largest = std::max(largest, groups[g].size);
       groups_.push_back(make_group(std::move(groups[g]), g, stream));
     }
-    if (comm_ != nullptr) mean_ = detail::grad_mean<reduce_type>(*comm_, largest, zero_.bucket_elements);
+    // Grads are reduced on several ranks, and at stages 2-3 (reduce_grads) on one; the gathers need no workspace.
+    const bool reduces = world_ > 1 || zero_.stage >= 2;
+    if (comm_ != nullptr) mean_ = detail::grad_mean<reduce_type>(*comm_, reduces ? largest : 0, zero_.bucket_elements);
     build_tables();
 
     const std::size_t ng = groups_.size();
