@@ -93,7 +93,7 @@ constexpr bool supported_policy() {
 // The checks of `options` every 1-bit optimizer makes, host or CUDA: the precision rule (see options) first.
 template <class Prec>
 inline constexpr bool verified_precision_v =
-    std::is_same_v<typename Prec::param_t, half_t> && std::is_same_v<typename Prec::grad_t, half_t>;
+    std::is_same_v<typename Prec::param_t, half_t>&& std::is_same_v<typename Prec::grad_t, half_t>;
 
 template <class Rule, class Prec>
 status validate_options(const options& o) {
