@@ -209,34 +209,45 @@ step_plan plan_step(typename Scaler::state_type& state, const typename Scaler::a
 }
 
 // Every rank must construct the same groups the same way (tag: e.g. the ZeRO stage); a mismatch would hang or
-// corrupt the collectives. The layout's hash as 4 doubles: max over ranks of both 32-bit halves and of their
-// negations, so after an all-reduce (max) they agree iff every rank has the same hash.
+// corrupt the collectives. A layout's FNV-1a hash as 4 doubles: both 32-bit halves and their negations, so that after
+// an all-reduce (max) they agree iff every rank has the same hash.
+class layout_hash {
+ public:
+  void mix(std::uint64_t x) {
+    for (int b = 0; b < 8; ++b) h_ = (h_ ^ ((x >> (8 * b)) & 0xff)) * 1099511628211ull;
+  }
+  void words(double (&v)[4]) const {
+    v[0] = double(h_ >> 32);
+    v[1] = double(h_ & 0xffffffffu);
+    v[2] = -v[0];
+    v[3] = -v[1];
+  }
+
+ private:
+  std::uint64_t h_ = 1469598103934665603ull;
+};
+
 template <class Rule, class Prec>
 void layout_words(int tag, const std::vector<param_group<Rule, Prec>>& groups, double (&v)[4]) {
-  std::uint64_t h = 1469598103934665603ull;  // FNV-1a over the layout
-  auto mix = [&h](std::uint64_t x) {
-    for (int b = 0; b < 8; ++b) h = (h ^ ((x >> (8 * b)) & 0xff)) * 1099511628211ull;
-  };
-  mix(std::uint64_t(tag));
-  mix(groups.size());
+  layout_hash h;
+  h.mix(std::uint64_t(tag));
+  h.mix(groups.size());
   for (const auto& spec : groups) {
-    mix(spec.size);
-    mix(spec.tensor_sizes.size());
-    for (std::size_t s : spec.tensor_sizes) mix(s);
-    mix(std::uint64_t(Rule::num_states(spec.hparams)));
+    h.mix(spec.size);
+    h.mix(spec.tensor_sizes.size());
+    for (std::size_t s : spec.tensor_sizes) h.mix(s);
+    h.mix(std::uint64_t(Rule::num_states(spec.hparams)));
   }
-  v[0] = double(h >> 32);
-  v[1] = double(h & 0xffffffffu);
-  v[2] = -v[0];
-  v[3] = -v[1];
+  h.words(v);
 }
 
-// Throws on every rank when the all-reduced layout_words disagree.
-inline void check_layout_words(const double (&v)[4]) {
+// Throws on every rank when the all-reduced layout words disagree; `what` names the layout.
+inline void check_layout_words(const double (&v)[4],
+                               const char* what =
+                                   "the group layout (number of groups, sizes, tensor_sizes, optimizer "
+                                   "states or zero_options.stage)") {
   if (v[0] != -v[2] || v[1] != -v[3])
-    throw error(
-        status::invalid("ranks disagree on the group layout (number of groups, sizes, tensor_sizes, optimizer "
-                        "states or zero_options.stage); every rank must construct the same"));
+    throw error(status::invalid(std::string("ranks disagree on ") + what + "; every rank must construct the same"));
 }
 
 // Collective over a host communicator; throws on every rank when the layouts differ.
@@ -247,6 +258,29 @@ void check_same_layout(comm::communicator& comm, int tag, const std::vector<para
   layout_words(tag, groups, v);
   comm.all_reduce(v, 4, comm::reduce_op::max);
   check_layout_words(v);
+}
+
+// A group's tensor boundaries, tensors + 1 offsets (no tensor_sizes: one tensor of the whole group).
+template <class Group>
+std::vector<std::size_t> tensor_offsets(const Group& spec) {
+  std::vector<std::size_t> offsets{0};
+  if (spec.tensor_sizes.empty()) {
+    offsets.push_back(spec.size);
+  } else {
+    for (std::size_t n : spec.tensor_sizes) offsets.push_back(offsets.back() + n);
+  }
+  return offsets;
+}
+
+// Tensors [first, last) of group g (boundaries `offsets`) as an element range; `what` names the caller in the error.
+inline zero::range tensor_range(const std::vector<std::size_t>& offsets, std::size_t g, std::size_t first,
+                                std::size_t last, const char* what) {
+  const std::size_t tensors = offsets.size() - 1;
+  if (first > last || last > tensors)
+    throw error(status::invalid(std::string(what) + ": tensors [" + std::to_string(first) + ", " +
+                                std::to_string(last) + ") out of range for group " + std::to_string(g) + " (" +
+                                std::to_string(tensors) + " tensors)"));
+  return {offsets[first], offsets[last]};
 }
 
 // The type grads travel in when reduced across ranks: wide enough that W equal grads sum exactly.
@@ -640,22 +674,12 @@ class optimizer {
 
   zero::range tensor_range(std::size_t g, std::size_t first, std::size_t last, const char* what) const {
     check_group_index(g);
-    const std::size_t tensors = groups_[g].offsets.size() - 1;
-    if (first > last || last > tensors)
-      throw error(status::invalid(std::string(what) + ": tensors [" + std::to_string(first) + ", " +
-                                  std::to_string(last) + ") out of range for group " + std::to_string(g) + " (" +
-                                  std::to_string(tensors) + " tensors)"));
-    return {groups_[g].offsets[first], groups_[g].offsets[last]};
+    return detail::tensor_range(groups_[g].offsets, g, first, last, what);
   }
 
   group make_group(group_type spec) {
     group grp;
-    grp.offsets.push_back(0);
-    if (spec.tensor_sizes.empty()) {
-      grp.offsets.push_back(spec.size);
-    } else {
-      for (std::size_t s : spec.tensor_sizes) grp.offsets.push_back(grp.offsets.back() + s);
-    }
+    grp.offsets = detail::tensor_offsets(spec);
     grp.part = zero::make_partition(spec.size, zero_.stage == 0 ? 1 : world_);
     grp.local = zero_.stage == 0 ? zero::range{0, spec.size} : grp.part.owned(rank_);
     grp.held = zero_.stage == 0 ? spec.size : grp.part.shard;

@@ -123,12 +123,8 @@ class device_table {
       begin.push_back(begin.back() + (e.n + chunk_elems - 1) / chunk_elems);
     }
     if (kept.empty()) return;
-    entries_ = device_buffer<Entry>(kept.size(), what + " table");
-    chunk_begin_ = device_buffer<std::uint64_t>(begin.size(), what + " chunk map");
-    throw_if_cuda_error(cudaMemcpy(entries_.get(), kept.data(), entries_.bytes(), cudaMemcpyHostToDevice),
-                        "cudaMemcpy(" + what + " table)");
-    throw_if_cuda_error(cudaMemcpy(chunk_begin_.get(), begin.data(), chunk_begin_.bytes(), cudaMemcpyHostToDevice),
-                        "cudaMemcpy(" + what + " chunk map)");
+    entries_ = detail::upload(kept, what + " table");
+    chunk_begin_ = detail::upload(begin, what + " chunk map");
     map_.chunk_begin = chunk_begin_.get();
     map_.total_chunks = begin.back();
     map_.num_entries = std::uint32_t(kept.size());

@@ -9,6 +9,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "../error.hpp"
 #include "../numeric/traits.hpp"
@@ -139,6 +140,15 @@ status check_group_buffers(const Group& spec, std::size_t g) {
   status s = check_element_alignment(spec.params, "params", g);
   if (s.ok()) s = check_element_alignment(spec.grads, "grads", g);
   return s;
+}
+
+// A device copy of `v`, copied synchronously (construction-time tables).
+template <class T>
+device_buffer<T> upload(const std::vector<T>& v, const std::string& what) {
+  device_buffer<T> d(v.size(), what);
+  if (!v.empty())
+    throw_if_cuda_error(cudaMemcpy(d.get(), v.data(), d.bytes(), cudaMemcpyHostToDevice), "cudaMemcpy(" + what + ")");
+  return d;
 }
 
 // Host to device on `stream`. From pageable memory the runtime stages the bytes before returning, so `src` may go.

@@ -23,8 +23,8 @@
 // partials of every rank are all-gathered before the step-scalars kernel, so every rank sums the same partials in the
 // same order and reaches the same decision (overflow skip, clip factor). The collectives are enqueued on the
 // communicator's stream, which must be the stream of construction and of every step(): the step stays free of host
-// synchronisation and capturable (NCCL supports graph capture). LAMB's per-tensor trust ratios would need sums across
-// shards: a per-tensor rule is refused at stages 1-3 on more than one rank.
+// synchronisation and capturable (NCCL supports graph capture). LAMB's per-tensor sums come from fixed segments whose
+// sums are all-gathered (update.cuh), so its sharded steps give the single-rank bits too.
 //
 // Errors: construction and the setters throw mpopt::error (bad input: errc::invalid_argument with the host
 // optimizer's messages; a CUDA failure: errc::unsupported naming the call). step() cannot throw on a launch failure
@@ -144,9 +144,13 @@ class optimizer {
     const step_core* core = reinterpret_cast<const step_core*>(scalars_.get());
     for (const update_part& part : parts_) {
       if constexpr (Rule::per_tensor) {
-        note(launch_per_tensor_update<Rule, Prec, MS>(part.table.entries(), part.table.map(), part.grid,
-                                                      part.ratio_grid, coeffs_d_.get(), core, w_partial_.get(),
-                                                      u_partial_.get(), ratio_.get(), stream),
+        per_tensor_storage& t = per_tensor_;
+        note(launch_per_tensor_update<Rule, Prec, MS>(
+                 part.table.entries(), part.table.map(), part.grid, t.entry_tensor.get(), t.segments, part.ratio_grid,
+                 coeffs_d_.get(), core, t.sums.get() + 2 * t.first_slot, t.sums.get(), t.ratio.get(), stream,
+                 [&] {
+                   if (sharded()) comm_->all_gather(t.sums.get(), t.counts);
+                 }),
              "step: launch of the per-tensor update kernels");
       } else {
         dispatch_state_count<counts::min, counts::max>(part.num_states, [&](auto ns) {
@@ -277,28 +281,16 @@ class optimizer {
 
   // Synchronising accessors (they wait for `stream`).
   scaler_state_type scaler_state(cudaStream_t stream = nullptr) const {
-    scaler_state_type s{};
-    detail::copy_from_device(&s, field<scaler_state_type>(offsetof(scalars_type, scaler)), sizeof s, "scaler state",
-                             stream);
-    return s;
+    return read_scaler_state(scalars_.get(), stream);
   }
   void set_scaler_state(const scaler_state_type& s, cudaStream_t stream = nullptr) {
-    store_scaler_state_kernel<Scaler><<<1, 1, 0, stream>>>(scalars_.get(), s, scaler_args_);
-    throw_if_cuda_error(cudaGetLastError(), "set_scaler_state: launch of the store kernel");
-    throw_if_cuda_error(cudaStreamSynchronize(stream), "cudaStreamSynchronize (set_scaler_state)");
+    write_scaler_state<Scaler>(scalars_.get(), s, scaler_args_, stream);
   }
-  std::int64_t step_count(cudaStream_t stream = nullptr) const {
-    std::int64_t n = 0;
-    detail::copy_from_device(&n, field<std::int64_t>(offsetof(step_core, step)), sizeof n, "step counter", stream);
-    return n;
-  }
+  std::int64_t step_count(cudaStream_t stream = nullptr) const { return read_step_count(scalars_.get(), stream); }
 
   // Checkpoint restore (checkpoint/cuda.cuh): writes the step counter on `stream` and waits for it.
   void set_step_count(std::int64_t step, cudaStream_t stream = nullptr) {
-    if (step < 0) throw error(status::invalid("set_step_count: step must be >= 0, got " + std::to_string(step)));
-    store_value_kernel<std::int64_t><<<1, 1, 0, stream>>>(field<std::int64_t>(offsetof(step_core, step)), step);
-    throw_if_cuda_error(cudaGetLastError(), "set_step_count: launch of the store kernel");
-    throw_if_cuda_error(cudaStreamSynchronize(stream), "cudaStreamSynchronize (set_step_count)");
+    write_step_count(scalars_.get(), step, stream);
   }
 
   // Group g as constructed: its element count, tensor sizes (empty: one tensor) and the device params.
@@ -380,12 +372,25 @@ class optimizer {
     const grad_t* step_grads() const { return reduced.size() > 0 ? reduced.get() : spec.grads; }
   };
 
-  // One update launch: the entries sharing a state count (elementwise rules), or every tensor (LAMB).
+  // One update launch: the entries sharing a state count (elementwise rules), or every segment (LAMB).
   struct update_part {
     int num_states = 0;
     device_table<entry_type> table;
     std::uint32_t grid = 0;
     std::uint32_t ratio_grid = 0;
+  };
+
+  // LAMB's segment tables (update.cuh): every rank's segments, numbered rank by rank (then group, then element), own
+  // one slot each in `sums`; this rank's are slots [first_slot, first_slot + its entries), all-gathered each step.
+  struct per_tensor_storage {
+    device_buffer<std::uint32_t> entry_tensor;  // this rank's segment -> tensor (numbered over all groups)
+    device_buffer<std::uint64_t> tensor_begin, slot;
+    device_buffer<std::uint32_t> tensor_group;
+    tensor_segments segments;
+    device_buffer<double> sums;  // 2 per slot: |w|^2, |u|^2
+    std::size_t first_slot = 0;
+    std::vector<std::size_t> counts;  // doubles per rank, for the all-gather
+    device_buffer<compute_t> ratio;   // per tensor
   };
 
   // The host optimizer's checks, in its order and with its messages, then the alignment of params and grads.
@@ -398,12 +403,6 @@ class optimizer {
       return status{errc::unsupported, where + Rule::name + " with " + std::to_string(ns) +
                                            " states has no CUDA kernel (state_counts<Rule> allows " +
                                            std::to_string(counts::min) + " to " + std::to_string(counts::max) + ")"};
-    if (Rule::per_tensor && zero_.stage >= 1 && world_ > 1)
-      return status{errc::unsupported,
-                    where + Rule::name + " at ZeRO stage " + std::to_string(zero_.stage) + " on " +
-                        std::to_string(world_) +
-                        " ranks is not implemented on the CUDA backend (its per-tensor trust ratios need sums across "
-                        "shards): use stage 0, or the host optimizer"};
     if (spec.size == 0) return status::success();
     return detail::check_group_buffers(spec, g);
   }
@@ -431,12 +430,7 @@ class optimizer {
 
   zero::range tensor_range(std::size_t g, std::size_t first, std::size_t last, const char* what) const {
     check_group_index(g);
-    const std::size_t tensors = groups_[g].offsets.size() - 1;
-    if (first > last || last > tensors)
-      throw error(status::invalid(std::string(what) + ": tensors [" + std::to_string(first) + ", " +
-                                  std::to_string(last) + ") out of range for group " + std::to_string(g) + " (" +
-                                  std::to_string(tensors) + " tensors)"));
-    return {groups_[g].offsets[first], groups_[g].offsets[last]};
+    return mpopt::detail::tensor_range(groups_[g].offsets, g, first, last, what);
   }
 
   // Construction after the members are set: validation (the host's order), the layout check across ranks, storage,
@@ -474,12 +468,7 @@ class optimizer {
     group_storage grp;
     const std::string where = " of group " + std::to_string(g);
     const int ranks = comm_ != nullptr && zero_.stage >= 1 ? world_ : 1;
-    grp.offsets.push_back(0);
-    if (spec.tensor_sizes.empty()) {
-      grp.offsets.push_back(spec.size);
-    } else {
-      for (std::size_t n : spec.tensor_sizes) grp.offsets.push_back(grp.offsets.back() + n);
-    }
+    grp.offsets = mpopt::detail::tensor_offsets(spec);
     grp.part = zero::make_partition(spec.size, ranks);
     grp.reduce_part = zero::make_partition(spec.size, world_);
     grp.local = ranks == 1 ? zero::range{0, spec.size} : grp.part.owned(rank_);
@@ -592,31 +581,7 @@ class optimizer {
     partial_flag_ = device_buffer<int>(partials, "statistics partial flags");
 
     if constexpr (Rule::per_tensor) {
-      // One entry per tensor: the trust ratio is per tensor.
-      std::vector<entry_type> entries;
-      for (std::size_t g = 0; g < groups_.size(); ++g) {
-        const group_type& spec = groups_[g].spec;
-        if (spec.tensor_sizes.empty()) {
-          entries.push_back(make_entry(g, 0, spec.size));
-        } else {
-          std::size_t offset = 0;
-          for (std::size_t n : spec.tensor_sizes) {
-            entries.push_back(make_entry(g, offset, n));
-            offset += n;
-          }
-        }
-      }
-      update_part part;
-      part.num_states = MS;
-      part.table = device_table<entry_type>(entries, per_tensor_chunk_elems<Prec>, "per-tensor update");
-      if (part.table.empty()) return;
-      const std::uint64_t chunks = part.table.map().total_chunks;
-      part.grid = grid_for(resident_blocks(per_tensor_phase1_kernel<Rule, Prec, MS>, "per-tensor update"), chunks);
-      part.ratio_grid = std::uint32_t(std::min<std::uint64_t>(part.table.map().num_entries, 4096));
-      w_partial_ = device_buffer<double>(chunks, "per-tensor |w|^2 partials");
-      u_partial_ = device_buffer<double>(chunks, "per-tensor |u|^2 partials");
-      ratio_ = device_buffer<compute_t>(part.table.map().num_entries, "per-tensor trust ratios");
-      parts_.push_back(std::move(part));
+      build_per_tensor_tables();
     } else {
       // One entry per group (its whole flat buffer stays on the vector path), one launch per state count.
       for (int ns = counts::min; ns <= counts::max; ++ns) {
@@ -647,6 +612,62 @@ class optimizer {
 
   using reduce_type = mpopt::detail::reduce_t<grad_t>;
 
+  // The segments of every group (zero::grid_segments at per_tensor_segment_elems in group coordinates): on every rank
+  // the same tensors, slots and order; the entries are this rank's. A rank without elements still has a (empty) part:
+  // it takes part in the all-gather of the sums.
+  void build_per_tensor_tables() {
+    const int ranks = sharded() ? world_ : 1;
+    std::vector<std::size_t> tensor_base;  // first tensor number of each group
+    std::vector<std::uint32_t> tensor_group;
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      tensor_base.push_back(tensor_group.size());
+      tensor_group.insert(tensor_group.end(), groups_[g].offsets.size() - 1, std::uint32_t(g));
+    }
+    std::vector<std::vector<std::uint64_t>> slots_of(tensor_group.size());
+    std::vector<entry_type> entries;
+    std::vector<std::uint32_t> entry_tensor;
+    per_tensor_storage& t = per_tensor_;
+    std::uint64_t slot = 0;
+    for (int q = 0; q < ranks; ++q) {
+      if (q == rank_ || ranks == 1) t.first_slot = slot;
+      const std::uint64_t first = slot;
+      for (std::size_t g = 0; g < groups_.size(); ++g) {
+        const group_storage& grp = groups_[g];
+        const zero::range owned = ranks == 1 ? grp.local : grp.part.owned(q);
+        for (const zero::segment& seg : zero::grid_segments(owned, grp.offsets, per_tensor_segment_elems)) {
+          const std::size_t tensor = tensor_base[g] + seg.tensor;
+          slots_of[tensor].push_back(slot++);
+          if (ranks > 1 && q != rank_) continue;
+          entries.push_back(make_entry(g, seg.begin - grp.local.begin, seg.end - seg.begin));
+          entry_tensor.push_back(std::uint32_t(tensor));
+        }
+      }
+      t.counts.push_back(2 * (slot - first));
+    }
+    std::vector<std::uint64_t> tensor_begin{0}, slots;
+    for (const auto& s : slots_of) {
+      slots.insert(slots.end(), s.begin(), s.end());
+      tensor_begin.push_back(slots.size());
+    }
+    t.entry_tensor = detail::upload(entry_tensor, "per-tensor entry map");
+    t.tensor_begin = detail::upload(tensor_begin, "per-tensor segment index");
+    t.slot = detail::upload(slots, "per-tensor segment slots");
+    t.tensor_group = detail::upload(tensor_group, "per-tensor groups");
+    t.segments =
+        tensor_segments{t.tensor_begin.get(), t.slot.get(), t.tensor_group.get(), std::uint32_t(tensor_group.size())};
+    t.sums = device_buffer<double>(2 * slot, "per-tensor segment sums");
+    t.ratio = device_buffer<compute_t>(tensor_group.size(), "per-tensor trust ratios");
+
+    update_part part;
+    part.num_states = MS;
+    part.table = device_table<entry_type>(entries, per_tensor_segment_elems, "per-tensor update");
+    const std::uint64_t chunks = part.table.map().total_chunks;  // one per entry
+    if (chunks > 0)
+      part.grid = grid_for(resident_blocks(per_tensor_phase1_kernel<Rule, Prec, MS>, "per-tensor update"), chunks);
+    part.ratio_grid = std::uint32_t(std::min<std::uint64_t>(tensor_group.size(), 4096));
+    if (chunks > 0 || sharded()) parts_.push_back(std::move(part));
+  }
+
   comm::communicator* comm_ = nullptr;  // ZeRO's; null: one rank, nothing reduced
   zero_options zero_{};
   int rank_ = 0, world_ = 1;
@@ -669,8 +690,7 @@ class optimizer {
   device_buffer<int> partial_flag_;
 
   std::vector<update_part> parts_;
-  device_buffer<double> w_partial_, u_partial_;  // per-tensor rules only
-  device_buffer<compute_t> ratio_;
+  per_tensor_storage per_tensor_;  // per-tensor rules only
 };
 
 }  // namespace mpopt::cuda

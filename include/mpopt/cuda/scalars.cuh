@@ -278,4 +278,37 @@ __global__ void store_scaler_state_kernel(step_scalars<typename Scaler::state_ty
   scalars->core.next_loss_scale = Scaler::scale(state, args);
 }
 
+// The CUDA optimizers' synchronising accessors of the step counter and the scaler state (checkpoints): each waits for
+// `stream`. Throws mpopt::error.
+template <class S>
+std::int64_t read_step_count(const step_scalars<S>* scalars, cudaStream_t stream) {
+  std::int64_t n = 0;
+  detail::copy_from_device(&n, reinterpret_cast<const char*>(scalars) + offsetof(step_core, step), sizeof n,
+                           "step counter", stream);
+  return n;
+}
+template <class S>
+void write_step_count(step_scalars<S>* scalars, std::int64_t step, cudaStream_t stream) {
+  if (step < 0) throw error(status::invalid("set_step_count: step must be >= 0, got " + std::to_string(step)));
+  store_value_kernel<std::int64_t><<<1, 1, 0, stream>>>(
+      reinterpret_cast<std::int64_t*>(reinterpret_cast<char*>(scalars) + offsetof(step_core, step)), step);
+  throw_if_cuda_error(cudaGetLastError(), "set_step_count: launch of the store kernel");
+  throw_if_cuda_error(cudaStreamSynchronize(stream), "cudaStreamSynchronize (set_step_count)");
+}
+template <class S>
+S read_scaler_state(const step_scalars<S>* scalars, cudaStream_t stream) {
+  S s{};
+  detail::copy_from_device(&s, reinterpret_cast<const char*>(scalars) + offsetof(step_scalars<S>, scaler), sizeof s,
+                           "scaler state", stream);
+  return s;
+}
+// Also sets the scale the next backward reads.
+template <class Scaler>
+void write_scaler_state(step_scalars<typename Scaler::state_type>* scalars, const typename Scaler::state_type& s,
+                        const typename Scaler::args& args, cudaStream_t stream) {
+  store_scaler_state_kernel<Scaler><<<1, 1, 0, stream>>>(scalars, s, args);
+  throw_if_cuda_error(cudaGetLastError(), "set_scaler_state: launch of the store kernel");
+  throw_if_cuda_error(cudaStreamSynchronize(stream), "cudaStreamSynchronize (set_scaler_state)");
+}
+
 }  // namespace mpopt::cuda

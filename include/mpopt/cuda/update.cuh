@@ -19,6 +19,7 @@
 #include "../numeric/convert.hpp"
 #include "../policy/rounding.hpp"
 #include "../rules.hpp"
+#include "../zero/partition.hpp"
 #include "launch.cuh"
 #include "scalars.cuh"
 
@@ -221,14 +222,28 @@ cudaError_t launch_update(const tensor_entry<Prec, MS>* entries, const chunk_map
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
-// LAMB (Rule::per_tensor): host::per_tensor_partials, trust_ratios and per_tensor_apply, in three launches. Phase 1
-// advances and stores the states and writes, per chunk, the sums of |w|^2 and |u|^2 (double, as the host); the ratio
-// kernel sums each tensor's chunks in a fixed order and calls Rule::trust_ratio; phase 2 recomputes u from the stored
-// states and applies it. Entries are tensors; the chunk size depends only on the policy, so the sums do not depend on
-// the device.
+// LAMB (Rule::per_tensor): host::per_tensor_partials, trust_ratios and per_tensor_apply, in three launches. Entries
+// are segments: pieces of one tensor of at most per_tensor_segment_elems elements, cut at the tensor's ends and at
+// multiples of per_tensor_segment_elems in group coordinates (zero::grid_segments). Phase 1 advances and stores the
+// states and writes each segment's sums of |w|^2 and |u|^2 (double, as the host); the ratio kernel sums each tensor's
+// segment sums in group order and calls Rule::trust_ratio; phase 2 recomputes u from the stored states and applies
+// it. ZeRO shards begin at multiples of per_tensor_segment_elems, so every world size and stage cuts the same
+// segments and sums them in the same order: with the segment sums of every rank all-gathered between phase 1 and the
+// ratio kernel, a sharded step gives the single-rank bits (when the caller's buffers are 16-byte aligned, so each
+// segment takes the same vector path everywhere).
 
-template <class Prec>
-inline constexpr std::uint32_t per_tensor_chunk_elems = std::uint32_t(block_threads) * update_vector_width<Prec> * 2;
+inline constexpr std::uint32_t per_tensor_segment_elems = std::uint32_t(zero::shard_alignment);
+static_assert(per_tensor_segment_elems % (vector_bytes / 2) == 0,
+              "a segment must hold whole vectors of the update's narrowest type");
+
+// Tensor t's segment sums are partial[2 * slot[k]] (|w|^2) and partial[2 * slot[k] + 1] (|u|^2) for k in
+// [begin[t], begin[t + 1]), in group order; its coefficients are coeffs[group[t]]. Device memory.
+struct tensor_segments {
+  const std::uint64_t* begin = nullptr;  // tensors + 1 values
+  const std::uint64_t* slot = nullptr;
+  const std::uint32_t* group = nullptr;
+  std::uint32_t tensors = 0;
+};
 
 namespace detail {
 
@@ -315,7 +330,7 @@ template <class Rule, class Prec, int MS>
 __global__ void __launch_bounds__(block_threads)
     per_tensor_phase1_kernel(const tensor_entry<Prec, MS>* entries, chunk_map map,
                              const typename Rule::template coeffs<typename Prec::compute_t>* coeffs,
-                             const step_core* core, double* w_partial, double* u_partial) {
+                             const step_core* core, double* partial) {
   static_assert(Rule::per_tensor, "per_tensor kernels are for rules with trust ratios");
   if (!core->applied) return;
   using C = typename Prec::compute_t;
@@ -337,34 +352,32 @@ __global__ void __launch_bounds__(block_threads)
     const double u = reduce(temp).Sum(op.u_sq);
     __syncthreads();
     if (threadIdx.x == 0) {
-      w_partial[c] = w;
-      u_partial[c] = u;
+      partial[2 * c] = w;
+      partial[2 * c + 1] = u;
     }
   }
 }
 
-// Block b takes tensors b, b + gridDim.x, ...: sums the tensor's chunk partials (thread t: chunks t, t + 256, ...,
+// Block b takes tensors b, b + gridDim.x, ...: sums the tensor's segment sums (thread i: its segments i, i + 256, ...,
 // then cub::BlockReduce) and writes ratio[tensor].
-template <class Rule, class Prec, int MS>
+template <class Rule, class C>
 __global__ void __launch_bounds__(block_threads)
-    per_tensor_ratio_kernel(const tensor_entry<Prec, MS>* entries, chunk_map map,
-                            const typename Rule::template coeffs<typename Prec::compute_t>* coeffs,
-                            const step_core* core, const double* w_partial, const double* u_partial,
-                            typename Prec::compute_t* ratio) {
+    per_tensor_ratio_kernel(tensor_segments segs, const typename Rule::template coeffs<C>* coeffs,
+                            const step_core* core, const double* partial, C* ratio) {
   if (!core->applied) return;
   using reduce = cub::BlockReduce<double, block_threads>;
   __shared__ typename reduce::TempStorage temp;
-  for (std::uint32_t e = blockIdx.x; e < map.num_entries; e += gridDim.x) {
+  for (std::uint32_t t = blockIdx.x; t < segs.tensors; t += gridDim.x) {
     double w = 0.0, u = 0.0;
-    for (std::uint64_t c = map.chunk_begin[e] + threadIdx.x; c < map.chunk_begin[e + 1]; c += block_threads) {
-      w += w_partial[c];
-      u += u_partial[c];
+    for (std::uint64_t k = segs.begin[t] + threadIdx.x; k < segs.begin[t + 1]; k += block_threads) {
+      w += partial[2 * segs.slot[k]];
+      u += partial[2 * segs.slot[k] + 1];
     }
     w = reduce(temp).Sum(w);
     __syncthreads();
     u = reduce(temp).Sum(u);
     __syncthreads();
-    if (threadIdx.x == 0) ratio[e] = Rule::trust_ratio(coeffs[entries[e].group], ::sqrt(w), ::sqrt(u));
+    if (threadIdx.x == 0) ratio[t] = Rule::trust_ratio(coeffs[segs.group[t]], ::sqrt(w), ::sqrt(u));
   }
 }
 
@@ -372,14 +385,15 @@ template <class Rule, class Prec, int MS>
 __global__ void __launch_bounds__(block_threads)
     per_tensor_phase2_kernel(const tensor_entry<Prec, MS>* entries, chunk_map map,
                              const typename Rule::template coeffs<typename Prec::compute_t>* coeffs,
-                             const step_core* core, const typename Prec::compute_t* ratio) {
+                             const step_core* core, const std::uint32_t* entry_tensor,
+                             const typename Prec::compute_t* ratio) {
   if (!core->applied) return;
   detail::per_tensor_phase2_op<Rule, Prec, MS> op;
   for (std::uint64_t c = blockIdx.x; c < map.total_chunks; c += gridDim.x) {
     const std::uint32_t e = find_entry(map, c);
     op.t = entries[e];
     op.k = coeffs[op.t.group];
-    op.ratio = ratio[e];
+    op.ratio = ratio[entry_tensor[e]];
     if constexpr (detail::needs_master_ctx_v<Prec>) op.ctx = master_ctx(op.t, *core);
     std::uint64_t begin, end;
     detail::chunk_range(map, c, e, op.t, begin, end);
@@ -387,20 +401,28 @@ __global__ void __launch_bounds__(block_threads)
   }
 }
 
-// The three launches of a per-tensor step. w_partial and u_partial hold map.total_chunks values, ratio
-// map.num_entries. ratio_grid: blocks of the ratio kernel (any count works; the sums do not depend on it).
-template <class Rule, class Prec, int MS>
+// The three launches of a per-tensor step over this rank's segments (entries, one chunk each: chunk_elems ==
+// per_tensor_segment_elems), writing their sums to partial[0, 2 * entries) (a slice of the segment-sum array),
+// `between()` (the all-gather of every rank's slice, or nothing on one rank), then the ratios of every tensor
+// (entry_tensor[e]: entry e's tensor) and the update. grid == 0 (no local elements) launches no phase; ratio_grid
+// blocks (any count: the sums do not depend on it) compute the ratios.
+template <class Rule, class Prec, int MS, class Between>
 cudaError_t launch_per_tensor_update(const tensor_entry<Prec, MS>* entries, const chunk_map& map, std::uint32_t grid,
+                                     const std::uint32_t* entry_tensor, const tensor_segments& segs,
                                      std::uint32_t ratio_grid,
                                      const typename Rule::template coeffs<typename Prec::compute_t>* coeffs,
-                                     const step_core* core, double* w_partial, double* u_partial,
-                                     typename Prec::compute_t* ratio, cudaStream_t stream) {
-  if (grid == 0) return cudaSuccess;
-  per_tensor_phase1_kernel<Rule, Prec, MS>
-      <<<grid, block_threads, 0, stream>>>(entries, map, coeffs, core, w_partial, u_partial);
-  per_tensor_ratio_kernel<Rule, Prec, MS>
-      <<<ratio_grid, block_threads, 0, stream>>>(entries, map, coeffs, core, w_partial, u_partial, ratio);
-  per_tensor_phase2_kernel<Rule, Prec, MS><<<grid, block_threads, 0, stream>>>(entries, map, coeffs, core, ratio);
+                                     const step_core* core, double* partial, const double* all_partials,
+                                     typename Prec::compute_t* ratio, cudaStream_t stream, Between&& between) {
+  using C = typename Prec::compute_t;
+  if (grid > 0)
+    per_tensor_phase1_kernel<Rule, Prec, MS><<<grid, block_threads, 0, stream>>>(entries, map, coeffs, core, partial);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  between();
+  if (grid == 0 || ratio_grid == 0) return cudaGetLastError();
+  per_tensor_ratio_kernel<Rule, C><<<ratio_grid, block_threads, 0, stream>>>(segs, coeffs, core, all_partials, ratio);
+  per_tensor_phase2_kernel<Rule, Prec, MS>
+      <<<grid, block_threads, 0, stream>>>(entries, map, coeffs, core, entry_tensor, ratio);
   return cudaGetLastError();
 }
 
