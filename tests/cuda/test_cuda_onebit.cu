@@ -14,6 +14,7 @@
 #include "mpopt/checkpoint/cuda.cuh"
 #include "mpopt/cuda/onebit.cuh"
 #include "mpopt/onebit/optimizer.hpp"
+#include "onebit_support.cuh"
 #include "test_cuda_support.cuh"
 #include "threaded_comm.cuh"
 
@@ -25,22 +26,6 @@ using mpopt::onebit::communication;
 constexpr int num_steps = 14;
 constexpr int overflow_step = 9;  // 1-based; a compressed (1-bit Adam) or local (0/1 Adam) step
 const std::size_t sizes[] = {1000, 37};
-
-template <class Rule>
-typename Rule::args hparams() {
-  typename Rule::args a;
-  a.lr = 1e-2;
-  a.weight_decay = 0.01;
-  if constexpr (std::is_same_v<Rule, mpopt::onebit_adam>) {
-    a.freeze_step = 4;
-  } else {
-    a.var_freeze_step = 6;
-    a.var_update_scaler = 2;
-    a.local_step_scaler = 2;
-    a.local_step_clipper = 4;
-  }
-  return a;
-}
 
 // Rank r's grads at step k (1-based): different on every rank. With `overflow`, an inf on rank 1 (0 at one rank) at
 // overflow_step.
@@ -86,7 +71,7 @@ std::string run_rank(mpopt::comm::communicator* comm, cudaStream_t stream, int r
     h.params = host_params[g].data();
     h.grads = host_grads[g].data();
     h.size = sizes[g];
-    h.hparams = hparams<Rule>();
+    h.hparams = onebit_hparams<Rule>();
     hg.push_back(h);
     mpopt::param_group<Rule, Prec> d = h;
     d.params = dev_params[g].get();
@@ -150,7 +135,7 @@ std::string run_rank(mpopt::comm::communicator* comm, cudaStream_t stream, int r
                      std::vector<float>(he.server.data(), he.server.data() + he.server.size())))
         fail(k, at + "server error");
       if constexpr (std::is_same_v<Rule, mpopt::zero_one_adam>) {
-        if (k > hparams<Rule>().var_freeze_step &&
+        if (k > onebit_hparams<Rule>().var_freeze_step &&
             !same_bits(to_host(dev->sync_point(g), sizes[g]),
                        std::vector<float>(host->sync_point(g), host->sync_point(g) + sizes[g])))
           fail(k, at + "sync point");

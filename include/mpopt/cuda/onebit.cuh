@@ -17,7 +17,7 @@
 // that all skip together, and the clipping norm is the local one (as in DeepSpeed and the host optimizer).
 //
 // 1-bit LAMB stays on the host (mpopt::onebit::optimizer): its per-tensor coefficients and momentum equaliser have no
-// CUDA kernels yet.
+// CUDA kernels yet. Checkpoints: checkpoint/cuda_onebit.cuh.
 //
 // Usage (device pointers in the groups; comm an mpopt::comm::nccl, stream its stream):
 //   mpopt::cuda::onebit::optimizer<mpopt::onebit_adam, mpopt::fp16_mixed_policy, mpopt::dynamic_loss_scaler> opt(
@@ -269,6 +269,8 @@ class optimizer {
 
   std::size_t num_groups() const noexcept { return groups_.size(); }
   std::size_t size(std::size_t g) const { return at(g).spec.size; }
+  // Group g's tensor sizes as constructed (empty: one tensor): checkpoint metadata.
+  const std::vector<std::size_t>& tensor_sizes(std::size_t g) const { return at(g).spec.tensor_sizes; }
   const args_type& hparams(std::size_t g) const { return at(g).spec.hparams; }
   // Validates, then writes the device copy on `stream` (later steps use it). The phase boundaries must be the same
   // on every rank.
@@ -323,9 +325,7 @@ class optimizer {
   void set_step_count(std::int64_t step, cudaStream_t stream) {
     if (step < 0) throw error(status::invalid("set_step_count: step must be >= 0, got " + std::to_string(step)));
     resolve();
-    store_value_kernel<std::int64_t><<<1, 1, 0, stream>>>(mutable_field<std::int64_t>(offsetof(step_core, step)), step);
-    throw_if_cuda_error(cudaGetLastError(), "set_step_count: launch of the store kernel");
-    throw_if_cuda_error(cudaStreamSynchronize(stream), "cudaStreamSynchronize (set_step_count)");
+    write_step_count(scalars_.get(), step, stream);
     step_ = step;
   }
   void set_schedule(const schedule& s) {
@@ -343,16 +343,9 @@ class optimizer {
     return at(g).anchor.get();
   }
   // Synchronising: the scaler state as of `stream`, and setting it (with the scale the next backward reads).
-  scaler_state_type scaler_state(cudaStream_t stream) const {
-    scaler_state_type st{};
-    cuda::detail::copy_from_device(&st, field<scaler_state_type>(offsetof(scalars_type, scaler)), sizeof st,
-                                   "scaler state", stream);
-    return st;
-  }
+  scaler_state_type scaler_state(cudaStream_t stream) const { return read_scaler_state(scalars_.get(), stream); }
   void set_scaler_state(const scaler_state_type& st, cudaStream_t stream) {
-    store_scaler_state_kernel<Scaler><<<1, 1, 0, stream>>>(scalars_.get(), st, scaler_args_);
-    throw_if_cuda_error(cudaGetLastError(), "set_scaler_state: launch of the store kernel");
-    throw_if_cuda_error(cudaStreamSynchronize(stream), "cudaStreamSynchronize (set_scaler_state)");
+    write_scaler_state<Scaler>(scalars_.get(), st, scaler_args_, stream);
   }
 
   // A 0/1 mask over group g's elements (host memory, n == size(g); DeepSpeed's exp_avg_mask), copied to the device on
@@ -436,10 +429,6 @@ class optimizer {
   template <class T>
   const T* field(std::size_t offset) const {
     return reinterpret_cast<const T*>(reinterpret_cast<const char*>(scalars_.get()) + offset);
-  }
-  template <class T>
-  T* mutable_field(std::size_t offset) {
-    return reinterpret_cast<T*>(reinterpret_cast<char*>(scalars_.get()) + offset);
   }
   const std::int32_t* applied_flag() const { return field<std::int32_t>(offsetof(step_core, applied)); }
 

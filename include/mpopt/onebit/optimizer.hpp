@@ -474,12 +474,7 @@ class optimizer {
 
   group make_group(group_type spec, std::size_t fused_offset) {
     group grp;
-    grp.offsets.push_back(0);
-    if (spec.tensor_sizes.empty()) {
-      grp.offsets.push_back(spec.size);
-    } else {
-      for (std::size_t sz : spec.tensor_sizes) grp.offsets.push_back(grp.offsets.back() + sz);
-    }
+    grp.offsets = mpopt::detail::tensor_offsets(spec);
     const std::size_t n = spec.size;
     grp.fused_offset = fused_offset;
     if constexpr (Prec::separate_master) {
