@@ -99,6 +99,207 @@ inline std::uint64_t muon_rounding_tag(muon_part part, std::size_t g) {
   return part == muon_part::aux ? std::uint64_t(g) : (std::uint64_t(g) | (std::uint64_t(1) << 15));
 }
 
+namespace detail {
+
+// One tensor of a Muon optimizer: a matrix of a matrix group or a tensor of an aux group, and its place under ZeRO.
+struct muon_tensor {
+  muon_part part = muon_part::matrices;
+  std::size_t group = 0, tensor = 0;
+  std::size_t offset = 0;  // in its group
+  std::size_t size = 0;
+  std::size_t rows = 0, cols = 0;  // matrices
+  int owner = 0;                   // the rank that holds (stages 1-2) and updates it
+  std::size_t exchange = 0;        // offset in the owner-ordered layout the collectives use
+};
+
+// The checks both backends' Muon optimizers make, with one set of messages.
+inline const char* muon_part_name(muon_part p) {
+  return p == muon_part::matrices ? "matrix" : "aux";
+}
+inline void check_muon_group(muon_part part, std::size_t g, std::size_t groups) {
+  if (g >= groups)
+    throw error(status::invalid(std::string(muon_part_name(part)) + " group index " + std::to_string(g) +
+                                " out of range (" + std::to_string(groups) + " groups)"));
+}
+inline void check_muon_state_index(muon_part part, std::size_t g, int j, int states, const char* what) {
+  if (j < 0 || j >= states)
+    throw error(status::invalid(std::string(what) + ": state index " + std::to_string(j) + " out of range for " +
+                                muon_part_name(part) + " group " + std::to_string(g) + " (" + std::to_string(states) +
+                                " states)"));
+}
+inline void check_muon_tensor(muon_part part, std::size_t g, std::size_t t, std::size_t tensors, const char* what) {
+  if (t >= tensors)
+    throw error(status::invalid(std::string(what) + ": tensor " + std::to_string(t) + " out of range for " +
+                                muon_part_name(part) + " group " + std::to_string(g) + " (" + std::to_string(tensors) +
+                                " tensors)"));
+}
+inline void check_muon_tensor_range(muon_part part, std::size_t g, std::size_t first, std::size_t last,
+                                    std::size_t tensors, const char* what) {
+  if (first > last || last > tensors)
+    throw error(status::invalid(std::string(what) + ": tensors [" + std::to_string(first) + ", " +
+                                std::to_string(last) + ") out of range for " + muon_part_name(part) + " group " +
+                                std::to_string(g) + " (" + std::to_string(tensors) + " tensors)"));
+}
+inline void check_muon_held(const muon_tensor& it, bool held, int rank, const char* what) {
+  if (!held)
+    throw error(status::invalid(std::string(what) + ": " + muon_part_name(it.part) + " group " +
+                                std::to_string(it.group) + " tensor " + std::to_string(it.tensor) +
+                                " is held by rank " + std::to_string(it.owner) + ", not by rank " +
+                                std::to_string(rank)));
+}
+inline void check_muon_stage_for_reduce_grads(int stage) {
+  if (stage != 2)
+    throw error(status::invalid("reduce_grads: ZeRO stage " + std::to_string(stage) +
+                                " reduces the groups' grads in step(); reduce_grads is for stage 2"));
+}
+inline error muon_missing_grads(muon_part part, std::size_t g) {
+  return error(status::invalid("step: " + std::string(muon_part_name(part)) + " group " + std::to_string(g) +
+                               " has no grads: call reduce_grads() or set its grads"));
+}
+inline constexpr const char* muon_stage3_refused =
+    "ZeRO stage 3 is not supported (Newton-Schulz needs whole matrices and stage 3 shards params); use "
+    "zero_options.stage 0, 1 or 2";
+
+// The tensors of a Muon optimizer, matrix groups' matrices then aux groups' tensors (T: muon_tensor or a backend's
+// record derived from it), with their owners and the owner-ordered layout (rank 0's tensors in order, then rank
+// 1's, ...) that the grad and param collectives use. Owners are assigned greedily, largest first to the least loaded
+// rank (the lowest on ties), matrices by Newton–Schulz work rows·cols·min(rows, cols) and aux tensors by elements
+// apart: from the layout alone, so every rank and both backends agree.
+template <class T>
+struct muon_layout {
+  std::vector<T> tensors;
+  std::vector<std::size_t> matrix_first, aux_first;  // per group: its first tensor, and the end
+  std::vector<std::size_t> exchange_begin;           // per rank: its first element in the layout, and the end
+  std::vector<std::size_t> exchange_order;           // tensors in layout order
+
+  muon_layout() = default;
+  template <class Prec>
+  muon_layout(const std::vector<muon_group<Prec>>& matrices, const std::vector<param_group<adamw, Prec>>& aux,
+              int world) {
+    matrix_first.push_back(0);
+    for (std::size_t g = 0; g < matrices.size(); ++g) {
+      std::size_t offset = 0;
+      for (std::size_t t = 0; t < matrices[g].shapes.size(); ++t) {
+        T it;
+        it.part = muon_part::matrices;
+        it.group = g;
+        it.tensor = t;
+        it.offset = offset;
+        it.rows = matrices[g].shapes[t].rows;
+        it.cols = matrices[g].shapes[t].cols;
+        it.size = it.rows * it.cols;
+        offset += it.size;
+        tensors.push_back(it);
+      }
+      matrix_first.push_back(tensors.size());
+    }
+    aux_first.push_back(tensors.size());
+    for (std::size_t g = 0; g < aux.size(); ++g) {
+      const std::vector<std::size_t> offsets = tensor_offsets(aux[g]);
+      for (std::size_t t = 0; t + 1 < offsets.size(); ++t) {
+        T it;
+        it.part = muon_part::aux;
+        it.group = g;
+        it.tensor = t;
+        it.offset = offsets[t];
+        it.size = offsets[t + 1] - offsets[t];
+        tensors.push_back(it);
+      }
+      aux_first.push_back(tensors.size());
+    }
+    assign_owners(world);
+  }
+
+  std::size_t first(muon_part part, std::size_t g) const {
+    return (part == muon_part::matrices ? matrix_first : aux_first)[g];
+  }
+  std::size_t count(muon_part part, std::size_t g) const { return first(part, g + 1) - first(part, g); }
+
+  // f(piece) for pieces of the layout of at most `bucket` elements; counts[r] is rank r's share of the piece.
+  template <class F>
+  void for_each_piece(std::size_t bucket, std::vector<std::size_t>& counts, F&& f) const {
+    const std::size_t total = exchange_begin.back();
+    counts.resize(exchange_begin.size() - 1);
+    for (std::size_t b = 0; b < total; b += bucket) {
+      const zero::range piece{b, std::min(total, b + bucket)};
+      for (std::size_t r = 0; r < counts.size(); ++r)
+        counts[r] = zero::intersect(piece, zero::range{exchange_begin[r], exchange_begin[r + 1]}).size();
+      f(piece);
+    }
+  }
+
+  // f(tensor, first, count, at): elements [first, first + count) of `tensor` lie at piece offset `at`.
+  template <class F>
+  void for_each_overlap(zero::range piece, F&& f) const {
+    for (std::size_t i : exchange_order) {
+      const T& it = tensors[i];
+      const zero::range o = zero::intersect(piece, zero::range{it.exchange, it.exchange + it.size});
+      if (!o.empty()) f(it, o.begin - it.exchange, o.size(), o.begin - piece.begin);
+    }
+  }
+
+ private:
+  void assign_owners(int world) {
+    auto assign = [&](muon_part part, auto cost) {
+      std::vector<std::size_t> order;
+      for (std::size_t i = 0; i < tensors.size(); ++i)
+        if (tensors[i].part == part) order.push_back(i);
+      std::stable_sort(order.begin(), order.end(),
+                       [&](std::size_t a, std::size_t b) { return cost(tensors[a]) > cost(tensors[b]); });
+      std::vector<double> load(std::size_t(world), 0.0);
+      for (std::size_t i : order) {
+        const int r = int(std::min_element(load.begin(), load.end()) - load.begin());
+        tensors[i].owner = r;
+        load[std::size_t(r)] += cost(tensors[i]);
+      }
+    };
+    assign(muon_part::matrices,
+           [](const T& it) { return double(it.rows) * double(it.cols) * double(std::min(it.rows, it.cols)); });
+    assign(muon_part::aux, [](const T& it) { return double(it.size); });
+    exchange_begin.assign(std::size_t(world) + 1, 0);
+    for (const T& it : tensors) exchange_begin[std::size_t(it.owner) + 1] += it.size;
+    for (int r = 0; r < world; ++r) exchange_begin[std::size_t(r) + 1] += exchange_begin[std::size_t(r)];
+    std::vector<std::size_t> next(exchange_begin.begin(), exchange_begin.end() - 1);
+    for (T& it : tensors) {
+      it.exchange = next[std::size_t(it.owner)];
+      next[std::size_t(it.owner)] += it.size;
+    }
+    exchange_order.resize(tensors.size());
+    std::iota(exchange_order.begin(), exchange_order.end(), std::size_t(0));
+    std::stable_sort(exchange_order.begin(), exchange_order.end(),
+                     [&](std::size_t a, std::size_t b) { return tensors[a].exchange < tensors[b].exchange; });
+  }
+};
+
+// The words every rank max-reduces to check that all built the same Muon layout (check_layout_words).
+template <class Prec>
+void muon_layout_words(int stage, const std::vector<muon_group<Prec>>& matrices,
+                       const std::vector<param_group<adamw, Prec>>& aux, double (&v)[4]) {
+  layout_hash h;
+  h.mix(std::uint64_t(stage));
+  h.mix(matrices.size());
+  for (const muon_group<Prec>& spec : matrices) {
+    h.mix(spec.shapes.size());
+    for (const matrix_shape& s : spec.shapes) {
+      h.mix(s.rows);
+      h.mix(s.cols);
+    }
+  }
+  h.mix(aux.size());
+  for (const param_group<adamw, Prec>& spec : aux) {
+    h.mix(spec.size);
+    h.mix(spec.tensor_sizes.size());
+    for (std::size_t n : spec.tensor_sizes) h.mix(n);
+    h.mix(std::uint64_t(adamw::num_states(spec.hparams)));
+  }
+  h.words(v);
+}
+
+inline constexpr const char* muon_layout_what =
+    "the muon_optimizer layout (groups, matrix shapes, aux tensor_sizes, amsgrad or zero_options.stage)";
+
+}  // namespace detail
+
 // ZeRO keeps every matrix whole: Newton–Schulz needs all of it. Each tensor (matrix or aux tensor) has an owner rank,
 // assigned greedily (largest first, to the least loaded rank; matrices by Newton–Schulz work, rows·cols·min(rows,
 // cols), aux tensors by elements), deterministically from the layout alone.
@@ -156,9 +357,7 @@ class muon_optimizer {
     throw_if_error(detail::validate_step_options(options_));
     throw_if_error(detail::validate_zero_options(zero_));
     if (zero_.stage == 3)
-      throw error(status{errc::unsupported,
-                         "muon_optimizer: ZeRO stage 3 is not supported (Newton-Schulz needs whole matrices and "
-                         "stage 3 shards params); use zero_options.stage 0, 1 or 2"});
+      throw error(status{errc::unsupported, std::string("muon_optimizer: ") + detail::muon_stage3_refused});
     for (std::size_t g = 0; g < matrices.size(); ++g)
       throw_if_error(detail::validate_muon_group(matrices[g], g, zero_.stage < 2));
     for (std::size_t g = 0; g < aux.size(); ++g) throw_if_error(detail::validate_aux_group(aux[g], g, zero_.stage < 2));
@@ -168,8 +367,7 @@ class muon_optimizer {
     aux_ = std::move(aux);
     check_same_layout();
     scaler_state_ = Scaler::init(scaler_args_);
-    build_items();
-    assign_owners();
+    layout_ = detail::muon_layout<item>(matrices_, aux_, world_);
     allocate();
   }
 
@@ -206,7 +404,7 @@ class muon_optimizer {
 
   // The rank that holds (stages 1-2) and updates tensor t of group g.
   int owner(muon_part part, std::size_t g, std::size_t t) const {
-    return items_[item_index(part, g, t, "owner")].owner;
+    return layout_.tensors[item_index(part, g, t, "owner")].owner;
   }
 
   // Full copies of group g's master weights, or of its state j (matrices: 0, the momentum buffer; aux: AdamW's
@@ -238,11 +436,11 @@ class muon_optimizer {
   const std::vector<matrix_shape>& matrix_shapes(std::size_t g) const { return matrices_.at(g).shapes; }
   std::size_t num_tensors(muon_part part, std::size_t g) const {
     check_group(part, g);
-    const std::vector<std::size_t>& first = part == muon_part::matrices ? matrix_first_ : aux_first_;
+    const std::vector<std::size_t>& first = part == muon_part::matrices ? layout_.matrix_first : layout_.aux_first;
     return first[g + 1] - first[g];
   }
   std::size_t tensor_size(muon_part part, std::size_t g, std::size_t t) const {
-    return items_[item_index(part, g, t, "tensor_size")].size;
+    return layout_.tensors[item_index(part, g, t, "tensor_size")].size;
   }
   int num_states(muon_part part, std::size_t g) const {
     check_group(part, g);
@@ -251,7 +449,7 @@ class muon_optimizer {
   // Whether this rank holds tensor t's master and states: its owner, or every rank at stage 0 or on one rank. Then
   // master() and state() point at its tensor_size() elements; otherwise they throw.
   bool holds(muon_part part, std::size_t g, std::size_t t) const {
-    return items_[item_index(part, g, t, "holds")].held;
+    return layout_.tensors[item_index(part, g, t, "holds")].held;
   }
   // (master_of and state_of only form pointers; they are non-const for step()'s writes.)
   const master_t* master(muon_part part, std::size_t g, std::size_t t) const {
@@ -319,18 +517,12 @@ class muon_optimizer {
   void reduce_grads(muon_part part, std::size_t g, std::size_t first, std::size_t last, const G* grads) {
     static_assert(is_element_type_v<G>,
                   "mpopt::muon_optimizer::reduce_grads: grads must point to float, double, half_t or bf16_t");
-    if (zero_.stage != 2)
-      throw error(status::invalid("reduce_grads: ZeRO stage " + std::to_string(zero_.stage) +
-                                  " reduces the groups' grads in step(); reduce_grads is for stage 2"));
-    check_group(part, g);
-    const std::size_t tensors = num_tensors(part, g);
-    if (first > last || last > tensors)
-      throw error(status::invalid("reduce_grads: tensors [" + std::to_string(first) + ", " + std::to_string(last) +
-                                  ") out of range for " + part_name(part) + " group " + std::to_string(g) + " (" +
-                                  std::to_string(tensors) + " tensors)"));
-    const std::size_t base = items_[item_index(part, g, first, "reduce_grads")].offset;
+    detail::check_muon_stage_for_reduce_grads(zero_.stage);
+    detail::check_muon_tensor_range(part, g, first, last, num_tensors(part, g), "reduce_grads");
+    if (first == last) return;
+    const std::size_t base = layout_.tensors[item_index(part, g, first, "reduce_grads")].offset;
     for (std::size_t t = first; t < last; ++t) {
-      const item& it = items_[item_index(part, g, t, "reduce_grads")];
+      const item& it = layout_.tensors[item_index(part, g, t, "reduce_grads")];
       if (it.size > 0 && grads == nullptr) throw error(status::invalid("reduce_grads: grads is null"));
       reduce_to_owner(it, grads + (it.offset - base));
     }
@@ -359,7 +551,7 @@ class muon_optimizer {
   // Multiply-adds of the Newton–Schulz GEMMs this rank runs per applied step (for throughput figures).
   double ns_multiply_adds_per_step() const {
     double total = 0;
-    for (const item& it : items_)
+    for (const item& it : layout_.tensors)
       if (it.part == muon_part::matrices && it.held)
         total += double(matrices_[it.group].hparams.ns_steps) * host::ns_multiply_adds(it.rows, it.cols);
     return total;
@@ -374,8 +566,8 @@ class muon_optimizer {
     }
     double sum_sq = 0.0;
     if (need_stats) {
-      for (std::size_t i = 0; i < items_.size(); ++i) {
-        const item& it = items_[i];
+      for (std::size_t i = 0; i < layout_.tensors.size(); ++i) {
+        const item& it = layout_.tensors[i];
         item_sq_[i] = 0.0;
         if (!it.held) continue;  // sharded: another rank's; its owner contributes the sum
         host::reduce_grad_partials(grads_of(it), it.size, partials_.data());
@@ -389,7 +581,7 @@ class muon_optimizer {
     if (plan.result.applied) {
       ++step_;
       const compute_t factor = compute_t(plan.factor.factor);
-      for (const item& it : items_) {
+      for (const item& it : layout_.tensors) {
         if (!it.held) continue;
         if (it.part == muon_part::matrices) {
           update_matrix(it, factor);
@@ -406,27 +598,18 @@ class muon_optimizer {
  private:
   using reduce_type = detail::reduce_t<grad_t>;
 
-  // One tensor: a matrix of a matrix group or a tensor of an aux group.
-  struct item {
-    muon_part part = muon_part::matrices;
-    std::size_t group = 0, tensor = 0;
-    std::size_t offset = 0;  // in its group
-    std::size_t size = 0;
-    std::size_t rows = 0, cols = 0;  // matrices
-    int owner = 0;
+  // One tensor (detail::muon_tensor) and where this rank keeps it.
+  struct item : detail::muon_tensor {
     bool held = false;              // this rank holds its master and states, and updates it
     std::size_t local = 0;          // offset in the held buffers (reduced grads, master, compensation)
     std::size_t state_local = 0;    // offset in momentum_ (matrices) or adam_states_[0, 1] (aux)
     std::size_t amsgrad_local = 0;  // aux with amsgrad: offset in adam_states_[2]
-    std::size_t exchange = 0;       // offset in the owner-ordered layout the collectives use
   };
 
   static comm::communicator& own_single_rank() {
     static comm::single_rank one;
     return one;
   }
-
-  static const char* part_name(muon_part p) { return p == muon_part::matrices ? "matrix" : "aux"; }
 
   static status prefixed(status s, const std::string& prefix) {
     if (!s.ok()) s.message = prefix + s.message;
@@ -436,18 +619,11 @@ class muon_optimizer {
   bool sharded() const noexcept { return zero_.stage >= 1 && world_ > 1; }
 
   void check_group(muon_part part, std::size_t g) const {
-    const std::size_t count = part == muon_part::matrices ? matrices_.size() : aux_.size();
-    if (g >= count)
-      throw error(status::invalid(std::string(part_name(part)) + " group index " + std::to_string(g) +
-                                  " out of range (" + std::to_string(count) + " groups)"));
+    detail::check_muon_group(part, g, part == muon_part::matrices ? matrices_.size() : aux_.size());
   }
 
   void check_state_index(muon_part part, std::size_t g, int j, const char* what) const {
-    const int count = num_states(part, g);
-    if (j < 0 || j >= count)
-      throw error(status::invalid(std::string(what) + ": state index " + std::to_string(j) + " out of range for " +
-                                  part_name(part) + " group " + std::to_string(g) + " (" + std::to_string(count) +
-                                  " states)"));
+    detail::check_muon_state_index(part, g, j, num_states(part, g), what);
   }
 
   static void require_kahan(const char* what) {
@@ -458,141 +634,42 @@ class muon_optimizer {
   }
 
   const item& held_item(muon_part part, std::size_t g, std::size_t t, const char* what) const {
-    const item& it = items_[item_index(part, g, t, what)];
-    if (!it.held)
-      throw error(status::invalid(std::string(what) + ": " + part_name(part) + " group " + std::to_string(g) +
-                                  " tensor " + std::to_string(t) + " is held by rank " + std::to_string(it.owner) +
-                                  ", not by rank " + std::to_string(rank_)));
+    const item& it = layout_.tensors[item_index(part, g, t, what)];
+    detail::check_muon_held(it, it.held, rank_, what);
     return it;
   }
 
   static void check_tensor_size(const item& it, std::size_t n, const char* what) {
     if (n != it.size)
-      throw error(status::invalid(std::string(what) + ": " + part_name(it.part) + " group " + std::to_string(it.group) +
-                                  " tensor " + std::to_string(it.tensor) + " has " + std::to_string(it.size) +
-                                  " elements, got n = " + std::to_string(n)));
+      throw error(status::invalid(std::string(what) + ": " + detail::muon_part_name(it.part) + " group " +
+                                  std::to_string(it.group) + " tensor " + std::to_string(it.tensor) + " has " +
+                                  std::to_string(it.size) + " elements, got n = " + std::to_string(n)));
   }
 
   std::size_t item_index(muon_part part, std::size_t g, std::size_t t, const char* what) const {
-    check_group(part, g);
-    if (t >= num_tensors(part, g))
-      throw error(status::invalid(std::string(what) + ": tensor " + std::to_string(t) + " out of range for " +
-                                  part_name(part) + " group " + std::to_string(g) + " (" +
-                                  std::to_string(num_tensors(part, g)) + " tensors)"));
-    return (part == muon_part::matrices ? matrix_first_ : aux_first_)[g] + t;
+    detail::check_muon_tensor(part, g, t, num_tensors(part, g), what);
+    return (part == muon_part::matrices ? layout_.matrix_first : layout_.aux_first)[g] + t;
   }
 
   template <class F>
   void for_each_tensor(muon_part part, std::size_t g, F&& f) const {
-    const std::vector<std::size_t>& first = part == muon_part::matrices ? matrix_first_ : aux_first_;
-    for (std::size_t i = first[g]; i < first[g + 1]; ++i) f(items_[i]);
+    const std::vector<std::size_t>& first = part == muon_part::matrices ? layout_.matrix_first : layout_.aux_first;
+    for (std::size_t i = first[g]; i < first[g + 1]; ++i) f(layout_.tensors[i]);
   }
 
   // Every rank must have the same layout; a mismatch would hang or corrupt the collectives.
   void check_same_layout() {
     if (world_ == 1) return;
-    std::uint64_t h = 1469598103934665603ull;  // FNV-1a over the layout
-    auto mix = [&h](std::uint64_t v) {
-      for (int b = 0; b < 8; ++b) h = (h ^ ((v >> (8 * b)) & 0xff)) * 1099511628211ull;
-    };
-    mix(std::uint64_t(zero_.stage));
-    mix(matrices_.size());
-    for (const matrix_group_type& spec : matrices_) {
-      mix(spec.shapes.size());
-      for (const matrix_shape& s : spec.shapes) {
-        mix(s.rows);
-        mix(s.cols);
-      }
-    }
-    mix(aux_.size());
-    for (const aux_group_type& spec : aux_) {
-      mix(spec.size);
-      mix(spec.tensor_sizes.size());
-      for (std::size_t s : spec.tensor_sizes) mix(s);
-      mix(std::uint64_t(adamw::num_states(spec.hparams)));
-    }
-    double v[4] = {double(h >> 32), double(h & 0xffffffffu), -double(h >> 32), -double(h & 0xffffffffu)};
+    double v[4];
+    detail::muon_layout_words(zero_.stage, matrices_, aux_, v);
     comm_->all_reduce(v, 4, comm::reduce_op::max);
-    if (v[0] != -v[2] || v[1] != -v[3])
-      throw error(status::invalid(
-          "ZeRO: ranks disagree on the muon_optimizer layout (groups, matrix shapes, aux tensor_sizes, amsgrad or "
-          "zero_options.stage); every rank must construct the same"));
-  }
-
-  void build_items() {
-    matrix_first_.push_back(0);
-    for (std::size_t g = 0; g < matrices_.size(); ++g) {
-      std::size_t offset = 0;
-      for (std::size_t t = 0; t < matrices_[g].shapes.size(); ++t) {
-        item it;
-        it.part = muon_part::matrices;
-        it.group = g;
-        it.tensor = t;
-        it.offset = offset;
-        it.rows = matrices_[g].shapes[t].rows;
-        it.cols = matrices_[g].shapes[t].cols;
-        it.size = it.rows * it.cols;
-        offset += it.size;
-        items_.push_back(it);
-      }
-      matrix_first_.push_back(items_.size());
-    }
-    aux_first_.push_back(items_.size());
-    for (std::size_t g = 0; g < aux_.size(); ++g) {
-      std::vector<std::size_t> sizes = aux_[g].tensor_sizes;
-      if (sizes.empty()) sizes.push_back(aux_[g].size);
-      std::size_t offset = 0;
-      for (std::size_t t = 0; t < sizes.size(); ++t) {
-        item it;
-        it.part = muon_part::aux;
-        it.group = g;
-        it.tensor = t;
-        it.offset = offset;
-        it.size = sizes[t];
-        offset += it.size;
-        items_.push_back(it);
-      }
-      aux_first_.push_back(items_.size());
-    }
-  }
-
-  // Greedy: largest first to the least loaded rank (lowest rank on ties); matrices and aux tensors balanced apart.
-  void assign_owners() {
-    auto assign = [this](muon_part part, auto cost) {
-      std::vector<std::size_t> order;
-      for (std::size_t i = 0; i < items_.size(); ++i)
-        if (items_[i].part == part) order.push_back(i);
-      std::stable_sort(order.begin(), order.end(),
-                       [&](std::size_t a, std::size_t b) { return cost(items_[a]) > cost(items_[b]); });
-      std::vector<double> load(std::size_t(world_), 0.0);
-      for (std::size_t i : order) {
-        const int r = int(std::min_element(load.begin(), load.end()) - load.begin());
-        items_[i].owner = r;
-        load[std::size_t(r)] += cost(items_[i]);
-      }
-    };
-    assign(muon_part::matrices,
-           [](const item& it) { return double(it.rows) * double(it.cols) * double(std::min(it.rows, it.cols)); });
-    assign(muon_part::aux, [](const item& it) { return double(it.size); });
-    // The owner-ordered layout: rank 0's tensors (in item order), then rank 1's, ...
-    exchange_begin_.assign(std::size_t(world_) + 1, 0);
-    for (const item& it : items_) exchange_begin_[std::size_t(it.owner) + 1] += it.size;
-    for (int r = 0; r < world_; ++r) exchange_begin_[std::size_t(r) + 1] += exchange_begin_[std::size_t(r)];
-    std::vector<std::size_t> next(exchange_begin_.begin(), exchange_begin_.end() - 1);
-    for (item& it : items_) {
-      it.exchange = next[std::size_t(it.owner)];
-      next[std::size_t(it.owner)] += it.size;
-    }
-    exchange_order_.resize(items_.size());
-    std::iota(exchange_order_.begin(), exchange_order_.end(), std::size_t(0));
-    std::stable_sort(exchange_order_.begin(), exchange_order_.end(),
-                     [&](std::size_t a, std::size_t b) { return items_[a].exchange < items_[b].exchange; });
+    detail::check_layout_words(v, detail::muon_layout_what);
   }
 
   void allocate() {
     std::size_t held = 0, held_matrix = 0, held_aux = 0, held_amsgrad = 0, largest = 0, largest_matrix = 0;
     std::vector<matrix_shape> held_shapes;
-    for (item& it : items_) {
+    for (item& it : layout_.tensors) {
       total_elements_ += it.size;
       it.held = zero_.stage == 0 || world_ == 1 || it.owner == rank_;
       if (!it.held) continue;
@@ -616,7 +693,7 @@ class muon_optimizer {
     if (world_ > 1 || zero_.stage >= 2) reduced_ = host::aligned_buffer<grad_t>(held);
     if constexpr (Prec::separate_master) {
       master_copy_ = host::aligned_buffer<master_t>(held);
-      for (const item& it : items_) {
+      for (const item& it : layout_.tensors) {
         if (!it.held) continue;
         const param_t* p = params_of(it);
         for (std::size_t i = 0; i < it.size; ++i) master_copy_[it.local + i] = convert<master_t>(p[i]);
@@ -633,7 +710,7 @@ class muon_optimizer {
     }
     u_ = host::aligned_buffer<float>(largest_matrix);
     ns_ = host::newton_schulz_workspace<gemm_t>::for_shapes(held_shapes.begin(), held_shapes.end());
-    item_sq_.resize(items_.size());
+    item_sq_.resize(layout_.tensors.size());
     partials_.resize((largest + host::reduce_block - 1) / host::reduce_block);
     if (world_ > 1) {
       const std::size_t n = std::min(std::max<std::size_t>(total_elements_, 1), zero_.bucket_elements);
@@ -682,38 +759,25 @@ class muon_optimizer {
   // Pieces of the owner-ordered layout of at most bucket_elements; counts_ holds each rank's share of the piece.
   template <class F>
   void for_each_piece(F&& f) {
-    const std::size_t total = exchange_begin_.back();
-    for (std::size_t b = 0; b < total; b += zero_.bucket_elements) {
-      const zero::range piece{b, std::min(total, b + zero_.bucket_elements)};
-      for (int r = 0; r < world_; ++r)
-        counts_[std::size_t(r)] =
-            zero::intersect(piece, zero::range{exchange_begin_[std::size_t(r)], exchange_begin_[std::size_t(r) + 1]})
-                .size();
-      f(piece);
-    }
+    layout_.for_each_piece(zero_.bucket_elements, counts_, f);
   }
-
-  // f(it, first, count, at): elements [first, first + count) of tensor `it` lie at piece offset `at`.
   template <class F>
   void for_each_overlap(zero::range piece, F&& f) const {
-    for (std::size_t i : exchange_order_) {
-      const item& it = items_[i];
-      const zero::range o = zero::intersect(piece, zero::range{it.exchange, it.exchange + it.size});
-      if (!o.empty()) f(it, o.begin - it.exchange, o.size(), o.begin - piece.begin);
-    }
+    layout_.for_each_overlap(piece, f);
   }
 
   // World > 1: the mean of every tensor's grads onto its owner (stage 0: then onto every rank).
   void exchange_grads() {
     if (zero_.stage >= 2) {
       for (std::size_t g = 0; g < matrices_.size(); ++g)
-        if (matrices_[g].grads == nullptr && matrices_[g].size() > 0) throw missing_grads(muon_part::matrices, g);
+        if (matrices_[g].grads == nullptr && matrices_[g].size() > 0)
+          throw detail::muon_missing_grads(muon_part::matrices, g);
       for (std::size_t g = 0; g < aux_.size(); ++g)
-        if (aux_[g].grads == nullptr && aux_[g].size > 0) throw missing_grads(muon_part::aux, g);
+        if (aux_[g].grads == nullptr && aux_[g].size > 0) throw detail::muon_missing_grads(muon_part::aux, g);
     }
     if (world_ == 1) return;
     const reduce_type world = reduce_type(world_);
-    const std::size_t mine = exchange_begin_[std::size_t(rank_)];
+    const std::size_t mine = layout_.exchange_begin[std::size_t(rank_)];
     for_each_piece([&](zero::range piece) {
       for_each_overlap(piece, [&](const item& it, std::size_t first, std::size_t count, std::size_t at) {
         const grad_t* g = caller_grads(it) + first;
@@ -735,11 +799,6 @@ class muon_optimizer {
         });
       }
     });
-  }
-
-  error missing_grads(muon_part part, std::size_t g) const {
-    return error(status::invalid("step: " + std::string(part_name(part)) + " group " + std::to_string(g) +
-                                 " has no grads: call reduce_grads() or set its grads"));
   }
 
   // Stage 2: one tensor's grads, mean over ranks, added to its owner's reduced grads.
@@ -827,10 +886,7 @@ class muon_optimizer {
   std::vector<matrix_group_type> matrices_;
   std::vector<aux_group_type> aux_;
 
-  std::vector<item> items_;                            // matrices (group, tensor order), then aux tensors
-  std::vector<std::size_t> matrix_first_, aux_first_;  // per group: its first item, and the end
-  std::vector<std::size_t> exchange_begin_;            // per rank: its first element in the owner-ordered layout
-  std::vector<std::size_t> exchange_order_;            // items in layout order
+  detail::muon_layout<item> layout_;
   std::size_t total_elements_ = 0;
 
   host::aligned_buffer<grad_t> reduced_;  // the reduced grads of the held tensors (world > 1, or stage 2)

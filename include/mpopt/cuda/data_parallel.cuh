@@ -29,6 +29,20 @@ inline void check_comm_stream(const comm::communicator& comm, cudaStream_t strea
                               " (the collectives and the step's kernels must be ordered on one stream)"));
 }
 
+// Max-reduces a layout's words (mpopt::detail::layout_hash) through device memory and throws on every rank when they
+// differ (`what` names the layout; null: the groups'). Waits for `stream`.
+inline void check_same_words(comm::communicator& comm, double (&v)[4], const char* what, cudaStream_t stream) {
+  device_buffer<double> d(4, "layout check");
+  copy_to_device(d.get(), v, sizeof v, "layout check", stream);
+  comm.all_reduce(d.get(), 4, comm::reduce_op::max);
+  copy_from_device(v, d.get(), sizeof v, "layout check", stream);
+  if (what == nullptr) {
+    mpopt::detail::check_layout_words(v);
+  } else {
+    mpopt::detail::check_layout_words(v, what);
+  }
+}
+
 // mpopt::detail::check_same_layout through device memory: throws on every rank when the ranks' group layouts (tagged
 // with `tag`, the ZeRO stage or -1) differ. Waits for `stream`.
 template <class Rule, class Prec>
@@ -37,11 +51,7 @@ void check_same_layout(comm::communicator& comm, int tag, const std::vector<para
   if (comm.size() == 1) return;
   double v[4];
   mpopt::detail::layout_words(tag, groups, v);
-  device_buffer<double> d(4, "layout check");
-  copy_to_device(d.get(), v, sizeof v, "layout check", stream);
-  comm.all_reduce(d.get(), 4, comm::reduce_op::max);
-  copy_from_device(v, d.get(), sizeof v, "layout check", stream);
-  mpopt::detail::check_layout_words(v);
+  check_same_words(comm, v, nullptr, stream);
 }
 
 // The workspace of bucketed grad means and gathers over one communicator: grads widened to R (fp32, fp64 for fp32
