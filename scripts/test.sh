@@ -7,10 +7,11 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-# Debian packages the build and tests need. python3-torch, libtorch-dev, python3-dev and ninja-build build and run
-# example 04 (a PyTorch extension) on the CPU; python3-torch also regenerates the fixtures.
+# Debian packages the build and tests need. python3-torch, libtorch-dev, python3-dev, pybind11-dev (torch's extension
+# headers include it; Debian's torch does not ship it) and ninja-build build and run example 04 (a PyTorch extension)
+# on the CPU; python3-torch also regenerates the fixtures.
 PACKAGES=(cmake g++ clang-format doctest-dev nlohmann-json3-dev libbenchmark-dev libopenmpi-dev openmpi-bin
-  python3-torch libtorch-dev python3-dev ninja-build)
+  python3-torch libtorch-dev python3-dev pybind11-dev ninja-build)
 # The formatter version .clang-format is written for (Debian 12's clang-format); others would reformat differently.
 CLANG_FORMAT_MAJOR=14
 
