@@ -156,6 +156,12 @@ inline error muon_missing_grads(muon_part part, std::size_t g) {
   return error(status::invalid("step: " + std::string(muon_part_name(part)) + " group " + std::to_string(g) +
                                " has no grads: call reduce_grads() or set its grads"));
 }
+// Whether two sets of Muon hyper-parameters run the same Newton–Schulz iteration (steps and coefficients): what the
+// CUDA optimizer's GEMM batches fix at construction.
+inline bool same_newton_schulz(const muon::args& a, const muon::args& b) {
+  return a.ns_steps == b.ns_steps && a.ns_coefficients.a == b.ns_coefficients.a &&
+         a.ns_coefficients.b == b.ns_coefficients.b && a.ns_coefficients.c == b.ns_coefficients.c;
+}
 inline constexpr const char* muon_stage3_refused =
     "ZeRO stage 3 is not supported (Newton-Schulz needs whole matrices and stage 3 shards params); use "
     "zero_options.stage 0, 1 or 2";

@@ -99,12 +99,6 @@ struct cuda_muon_mirror {
   }
 };
 
-// The Newton–Schulz parameters the CUDA optimizer's batches fix.
-inline bool same_ns(const muon::args& a, const muon::args& b) {
-  return a.ns_steps == b.ns_steps && a.ns_coefficients.a == b.ns_coefficients.a &&
-         a.ns_coefficients.b == b.ns_coefficients.b && a.ns_coefficients.c == b.ns_coefficients.c;
-}
-
 }  // namespace detail
 
 // Saves a CUDA Muon optimizer's state: one GPU's, or with ZeRO every rank's tensors (collective; `stream` is then the
@@ -128,7 +122,7 @@ void load(cuda::muon_optimizer<Prec, Scaler, Gemm>& opt, const std::string& dir,
   const auto& host = *m.host;
   if (options.restore_hparams)
     for (std::size_t g = 0; g < opt.num_matrix_groups(); ++g)
-      if (!detail::same_ns(host.matrix_hparams(g), opt.matrix_hparams(g)))
+      if (!mpopt::detail::same_newton_schulz(host.matrix_hparams(g), opt.matrix_hparams(g)))
         throw error(status{errc::unsupported,
                            dir + ": matrix group " + std::to_string(g) +
                                " was saved with other ns_steps or ns_coefficients; the CUDA optimizer fixes them at "

@@ -490,9 +490,7 @@ class muon_optimizer {
     status s = muon::validate(a);
     if (!s.ok()) s.message = "matrix group " + std::to_string(g) + ": " + s.message;
     throw_if_error(s);
-    const muon::args& old = matrices_[g].hparams;
-    if (a.ns_steps != old.ns_steps || a.ns_coefficients.a != old.ns_coefficients.a ||
-        a.ns_coefficients.b != old.ns_coefficients.b || a.ns_coefficients.c != old.ns_coefficients.c)
+    if (!mpopt::detail::same_newton_schulz(a, matrices_[g].hparams))
       throw error(status{errc::unsupported, "matrix group " + std::to_string(g) +
                                                 ": ns_steps and ns_coefficients fix the GEMM batches and cannot "
                                                 "change after construction on the CUDA backend"});
