@@ -7,6 +7,10 @@
 //                                       identity, so this is the momentum and apply kernels alone
 //   zero_one_adam/local/<params>        a local step without synchronisation (var_freeze_step 2, intervals doubling
 //                                       every step up to a clipper never reached)
+//   onebit_lamb/exact/<params>          a warm-up step: the exact LAMB update (two passes) and the trust-ratio EMA
+//   onebit_lamb/compressed/<params>     a compressed step (freeze_step 2): the fused momentum, the moments with their
+//                                       per-tensor sums, the factors, the update (one tensor per 4096-element segment
+//                                       run; the equaliser pass returns at once after the first compressed step)
 //   copy/<B>B/<params>                  cudaMemcpyAsync reading and writing B/2 bytes per param
 //   compress/<pass>/W8/<params>         one pass of the allreduce for 8 simulated ranks, no communicator: rank 0's
 //                                       worker compression, rank 0's server compression of the 8 received blocks,
@@ -78,6 +82,32 @@ constexpr std::size_t step_bytes_per_param(mode m) {
   }
   return 0;
 }
+// 1-bit LAMB (cuda/onebit_lamb.cuh), after the statistics pass (G):
+//   exact:      phase 1 reads G + M + 2S and writes 2S; phase 2 reads M + 2S and writes M + P.
+//               fp16_mixed: 2 + (2 + 4 + 8 + 8) + (4 + 8 + 4 + 2) = 42
+//   compressed: fused_momentum reads m (S) and the grad (G) and writes prev and fused (2 x 4); moments reads fused,
+//               prev (2 x 4), v (S), the fresh variance (S) and the master (M) and writes m and the fresh variance
+//               (2S); apply reads m, v (2S) and the master (M) and writes master (M) and param (P).
+//               fp16_mixed: 2 + (4 + 2 + 8) + (8 + 4 + 4 + 4 + 8) + (8 + 4 + 4 + 2) = 62
+template <class Prec>
+constexpr std::size_t lamb_step_bytes_per_param(mode m) {
+  constexpr std::size_t P = sizeof(typename Prec::param_t), M = sizeof(typename Prec::master_t),
+                        S = sizeof(typename Prec::state_t), G = sizeof(typename Prec::grad_t), work = sizeof(float);
+  switch (m) {
+    case mode::exact: return G + (G + M + 4 * S) + (M + 2 * S + M + P);
+    case mode::compressed: return G + (S + G + 2 * work) + (2 * work + 2 * S + M + 2 * S) + (2 * S + 2 * M + P);
+    case mode::local: return 0;  // 1-bit LAMB takes no local steps
+  }
+  return 0;
+}
+static_assert(lamb_step_bytes_per_param<prec>(mode::exact) == 42);
+static_assert(lamb_step_bytes_per_param<prec>(mode::compressed) == 62);
+
+template <class Rule>
+constexpr std::size_t rule_step_bytes_per_param(mode m) {
+  return std::is_same_v<Rule, mpopt::onebit_lamb> ? lamb_step_bytes_per_param<prec>(m) : step_bytes_per_param<prec>(m);
+}
+
 static_assert(step_bytes_per_param<prec>(mode::exact) == 30);
 static_assert(step_bytes_per_param<prec>(mode::compressed) == 38);
 static_assert(step_bytes_per_param<prec>(mode::local) == 26);
@@ -160,7 +190,7 @@ void run_step(benchmark::State& state, cudaStream_t stream, std::size_t n, mode 
 template <class Rule>
 void bm_step(benchmark::State& state, std::size_t n, mode m) {
   on_new_stream(state, [&](cudaStream_t stream) { run_step<Rule>(state, stream, n, m); });
-  report_bytes(state, n, double(n * step_bytes_per_param<prec>(m)));
+  report_bytes(state, n, double(n * rule_step_bytes_per_param<Rule>(m)));
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -304,8 +334,14 @@ int main(int argc, char** argv) {
     timed(benchmark::RegisterBenchmark(("zero_one_adam/local/" + size_label(n)).c_str(),
                                        [n](benchmark::State& s) { bm_step<mpopt::zero_one_adam>(s, n, mode::local); }),
           n);
-    for (mode m : {mode::exact, mode::compressed, mode::local}) {
-      const std::size_t bytes = step_bytes_per_param<prec>(m);
+    for (mode m : {mode::exact, mode::compressed}) {
+      timed(benchmark::RegisterBenchmark(("onebit_lamb/" + std::string(mode_name(m)) + "/" + size_label(n)).c_str(),
+                                         [n, m](benchmark::State& s) { bm_step<mpopt::onebit_lamb>(s, n, m); }),
+            n);
+    }
+    for (std::size_t bytes : {step_bytes_per_param<prec>(mode::exact), step_bytes_per_param<prec>(mode::compressed),
+                              step_bytes_per_param<prec>(mode::local), lamb_step_bytes_per_param<prec>(mode::exact),
+                              lamb_step_bytes_per_param<prec>(mode::compressed)}) {
       timed(benchmark::RegisterBenchmark(("copy/" + std::to_string(bytes) + "B/" + size_label(n)).c_str(),
                                          [n, bytes](benchmark::State& s) { copy_ceiling(s, n, bytes); }),
             n);

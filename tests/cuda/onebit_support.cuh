@@ -7,13 +7,14 @@
 
 namespace mpopt_test {
 
-// 1-bit Adam: compressed from step 5. 0/1 Adam: variance frozen after step 6, then local steps whose interval grows.
+// 1-bit Adam and 1-bit LAMB: compressed from step 5. 0/1 Adam: variance frozen after step 6, then local steps whose
+// interval grows.
 template <class Rule>
 typename Rule::args onebit_hparams() {
   typename Rule::args a;
   a.lr = 1e-2;
   a.weight_decay = 0.01;
-  if constexpr (std::is_same_v<Rule, mpopt::onebit_adam>) {
+  if constexpr (std::is_same_v<Rule, mpopt::onebit_adam> || std::is_same_v<Rule, mpopt::onebit_lamb>) {
     a.freeze_step = 4;
   } else {
     a.var_freeze_step = 6;

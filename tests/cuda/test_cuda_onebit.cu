@@ -1,14 +1,19 @@
-// mpopt::cuda::onebit::optimizer (1-bit Adam, 0/1 Adam) against the host mpopt::onebit::optimizer, bit for bit, at
-// one GPU and at 2-4 ranks (threads on one GPU, threaded_comm.cuh). The host optimizer of each rank talks through the
-// same device communicator staged to host memory (checkpoint::detail::staged_host_comm), so both see the same ranks.
-// Built with --fmad=false (tests/CMakeLists.txt), as the host is with -ffp-contract=off: the same operations in the
-// same order give the same bits, through warm-up, compressed, local and synchronisation steps, an overflow planted on
-// one rank (every rank must skip, and the error buffers must not move), clipping, and a momentum mask.
+// mpopt::cuda::onebit::optimizer (1-bit Adam, 0/1 Adam, 1-bit LAMB) against the host mpopt::onebit::optimizer, bit
+// for bit, at one GPU and at 2-4 ranks (threads on one GPU, threaded_comm.cuh). The host optimizer of each rank talks
+// through the same device communicator staged to host memory (checkpoint::detail::staged_host_comm), so both see the
+// same ranks. Built with --fmad=false (tests/CMakeLists.txt), as the host is with -ffp-contract=off: the same
+// operations in the same order give the same bits, through warm-up, compressed, local and synchronisation steps, an
+// overflow planted on one rank (every rank must skip, and the error buffers must not move), clipping, and a momentum
+// mask. 1-bit LAMB's per-tensor double sums are added in another order on the device (cuda/onebit_lamb.cuh), so its
+// per-tensor state is compared to a relative 1e-12; its float buffers are compared bit for bit (a double moved in its
+// last bits rounds to the same float unless it lies within that distance of a rounding boundary).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "mpopt/checkpoint/cuda.cuh"
@@ -25,7 +30,10 @@ using mpopt::onebit::communication;
 
 constexpr int num_steps = 14;
 constexpr int overflow_step = 9;  // 1-based; a compressed (1-bit Adam) or local (0/1 Adam) step
-const std::size_t sizes[] = {1000, 37};
+// Group 0 has 1-bit LAMB's interesting tensors: one over two segments, an empty one, one that leaves the next at an
+// unaligned offset.
+const std::size_t sizes[] = {5000, 37};
+const std::vector<std::size_t> tensor_sizes[] = {{4500, 0, 3, 497}, {}};
 
 // Rank r's grads at step k (1-based): different on every rank. With `overflow`, an inf on rank 1 (0 at one rank) at
 // overflow_step.
@@ -71,6 +79,7 @@ std::string run_rank(mpopt::comm::communicator* comm, cudaStream_t stream, int r
     h.params = host_params[g].data();
     h.grads = host_grads[g].data();
     h.size = sizes[g];
+    h.tensor_sizes = tensor_sizes[g];
     h.hparams = onebit_hparams<Rule>();
     hg.push_back(h);
     mpopt::param_group<Rule, Prec> d = h;
@@ -122,18 +131,24 @@ std::string run_rank(mpopt::comm::communicator* comm, cudaStream_t stream, int r
       if (!same_bits(to_host(dev->master(g), sizes[g]),
                      std::vector<typename Prec::master_t>(host->master(g), host->master(g) + sizes[g])))
         fail(k, at + "master");
-      for (int j = 0; j < 2; ++j)
+      for (int j = 0; j < Rule::max_states; ++j)
         if (!same_bits(to_host(dev->state(g, j), sizes[g]),
                        std::vector<typename Prec::state_t>(host->state(g, j), host->state(g, j) + sizes[g])))
           fail(k, at + "state " + std::to_string(j));
-      const auto& he = host->errors(g);
-      auto& de = dev->errors(g);
-      if (!same_bits(to_host(de.worker.get(), de.worker.size()),
-                     std::vector<float>(he.worker.data(), he.worker.data() + he.worker.size())))
-        fail(k, at + "worker error");
-      if (!same_bits(to_host(de.server.get(), de.server.size()),
-                     std::vector<float>(he.server.data(), he.server.data() + he.server.size())))
-        fail(k, at + "server error");
+      if constexpr (std::is_same_v<Rule, mpopt::onebit_lamb>) {
+        const auto d_state = dev->lamb_state(g, stream);
+        const auto& h_state = host->lamb_state(g);
+        auto close = [](double a, double b) {
+          return std::fabs(a - b) <= 1e-12 * std::fmax(std::fabs(a), std::fabs(b));
+        };
+        if (d_state.size() != h_state.size()) fail(k, at + "tensor count");
+        for (std::size_t t = 0; t < std::min(d_state.size(), h_state.size()); ++t)
+          if (!close(d_state[t].coeff_freeze, h_state[t].coeff_freeze) ||
+              !close(d_state[t].last_factor, h_state[t].last_factor) ||
+              !close(d_state[t].scaling_coeff, h_state[t].scaling_coeff) ||
+              !close(d_state[t].last_coeff, h_state[t].last_coeff))
+            fail(k, at + "tensor " + std::to_string(t) + "'s coefficients");
+      }
       if constexpr (std::is_same_v<Rule, mpopt::zero_one_adam>) {
         if (k > onebit_hparams<Rule>().var_freeze_step &&
             !same_bits(to_host(dev->sync_point(g), sizes[g]),
@@ -141,6 +156,18 @@ std::string run_rank(mpopt::comm::communicator* comm, cudaStream_t stream, int r
           fail(k, at + "sync point");
         if (dev->accumulated_lr(g) != host->accumulated_lr(g)) fail(k, at + "accumulated lr");
       }
+    }
+    if (dev->num_error_buffers() != host->num_error_buffers()) fail(k, "error buffer count");
+    for (std::size_t i = 0; i < std::min(dev->num_error_buffers(), host->num_error_buffers()); ++i) {
+      const auto& he = host->errors(i);
+      auto& de = dev->errors(i);
+      const std::string at = "error buffer " + std::to_string(i) + " ";
+      if (!same_bits(to_host(de.worker.get(), de.worker.size()),
+                     std::vector<float>(he.worker.data(), he.worker.data() + he.worker.size())))
+        fail(k, at + "worker");
+      if (!same_bits(to_host(de.server.get(), de.server.size()),
+                     std::vector<float>(he.server.data(), he.server.data() + he.server.size())))
+        fail(k, at + "server");
     }
     if (dev->step_count() != host->step_count()) fail(k, "step count");
   }
@@ -167,15 +194,15 @@ void check_against_host(typename Scaler::args scaler, mpopt::step_options opts) 
 
 }  // namespace
 
-TEST_CASE_TEMPLATE("cuda 1-bit Adam and 0/1 Adam match the host optimizer bit for bit (dynamic scaler, overflow)", Rule,
-                   mpopt::onebit_adam, mpopt::zero_one_adam) {
+TEST_CASE_TEMPLATE("cuda 1-bit Adam, 0/1 Adam and 1-bit LAMB match the host optimizer (dynamic scaler, overflow)", Rule,
+                   mpopt::onebit_adam, mpopt::zero_one_adam, mpopt::onebit_lamb) {
   mpopt::dynamic_scaler::args scaler;
   scaler.init_scale = 1024.0f;
   check_against_host<Rule, fp16_mixed, mpopt::dynamic_scaler>(scaler, {});
 }
 
-TEST_CASE_TEMPLATE("cuda 1-bit Adam and 0/1 Adam match the host optimizer bit for bit (clipping, no scaler)", Rule,
-                   mpopt::onebit_adam, mpopt::zero_one_adam) {
+TEST_CASE_TEMPLATE("cuda 1-bit Adam, 0/1 Adam and 1-bit LAMB match the host optimizer (clipping, no scaler)", Rule,
+                   mpopt::onebit_adam, mpopt::zero_one_adam, mpopt::onebit_lamb) {
   mpopt::step_options opts;
   opts.max_grad_norm = 0.05;
   check_against_host<Rule, fp16_mixed, mpopt::no_scaler>({}, opts);

@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../cuda/data_parallel.cuh"
 #include "../cuda/optimizer.cuh"
 #include "../optimizer.hpp"
 #include "checkpoint.hpp"
@@ -41,7 +42,8 @@ struct cuda_mirror {
   std::vector<typename Prec::grad_t> zero_grads;  // shared by every group: the host optimizer wants grads
   std::optional<mpopt::optimizer<Rule, Prec, Scaler>> host;
 
-  cuda_mirror(const cuda_type& opt, cudaStream_t stream) {
+  cuda_mirror(const cuda_type& opt, cudaStream_t stream, const char* what) {
+    if (opt.communicator() != nullptr) cuda::detail::check_comm_stream(*opt.communicator(), stream, what);
     std::size_t largest = 0;
     for (std::size_t g = 0; g < opt.num_groups(); ++g) largest = std::max(largest, opt.size(g));
     zero_grads.assign(largest, typename Prec::grad_t{});
@@ -83,12 +85,12 @@ struct cuda_mirror {
 
 }  // namespace detail
 
-// Saves a CUDA optimizer's state: one rank's checkpoint, or with ZeRO every rank's shard (collective). Throws
-// mpopt::error.
+// Saves a CUDA optimizer's state: one rank's checkpoint, or with ZeRO every rank's shard (collective; `stream` must
+// then be the communicator's). Throws mpopt::error.
 template <class Rule, class Prec, class Scaler>
 void save(cuda::optimizer<Rule, Prec, Scaler>& opt, const std::string& dir, const save_options& options = {},
           cudaStream_t stream = nullptr) {
-  detail::cuda_mirror<Rule, Prec, Scaler> m(opt, stream);
+  detail::cuda_mirror<Rule, Prec, Scaler> m(opt, stream, "checkpoint save");
   save(*m.host, dir, options);
 }
 
@@ -98,7 +100,7 @@ void save(cuda::optimizer<Rule, Prec, Scaler>& opt, const std::string& dir, cons
 template <class Rule, class Prec, class Scaler>
 void load(cuda::optimizer<Rule, Prec, Scaler>& opt, const std::string& dir, const load_options& options = {},
           cudaStream_t stream = nullptr) {
-  detail::cuda_mirror<Rule, Prec, Scaler> m(opt, stream);
+  detail::cuda_mirror<Rule, Prec, Scaler> m(opt, stream, "checkpoint load");
   load(*m.host, dir, options);
   for (std::size_t g = 0; g < opt.num_groups(); ++g) {
     const zero::range r = opt.local_range(g);

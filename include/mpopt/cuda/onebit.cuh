@@ -1,8 +1,11 @@
-// mpopt::cuda::onebit::optimizer: 1-bit Adam and 0/1 Adam (rule/onebit.hpp) on the GPU, data-parallel over a
-// device-memory communicator (comm::nccl), with mpopt::onebit::optimizer's semantics step for step: the same phases
+// mpopt::cuda::onebit::optimizer: 1-bit Adam, 0/1 Adam and 1-bit LAMB (rule/onebit.hpp) on the GPU, data-parallel over
+// a device-memory communicator (comm::nccl), with mpopt::onebit::optimizer's semantics step for step: the same phases
 // and schedules, the exact steps through the CUDA Adam update (so they are mpopt::adam bit for bit), the compressed
 // steps through cuda/compressed_allreduce.cuh (the host's format and order) and the per-element bodies of
 // onebit/elements.hpp. Built without fused multiply-adds (nvcc --fmad=false) a rank's bits are the host optimizer's.
+// 1-bit LAMB's exact steps are the CUDA LAMB update (cuda/update.cuh) and its compressed steps the kernels of
+// cuda/onebit_lamb.cuh; its per-tensor sums (trust ratios, equalisers, factors) are double sums in another order than
+// the host's, so those doubles may differ from the host's in their last bits.
 //
 // A step is enqueued on one stream and never waits for the device, with one exception: the phase, and so which
 // collective a step makes, is decided on the host from the count of *applied* steps. When the scaler can skip a step
@@ -16,8 +19,7 @@
 // steps each rank's grads are local: the overflow flag is max-reduced over the ranks (a one-double all-reduce) so
 // that all skip together, and the clipping norm is the local one (as in DeepSpeed and the host optimizer).
 //
-// 1-bit LAMB stays on the host (mpopt::onebit::optimizer): its per-tensor coefficients and momentum equaliser have no
-// CUDA kernels yet. Checkpoints: checkpoint/cuda_onebit.cuh.
+// Checkpoints: checkpoint/cuda_onebit.cuh.
 //
 // Usage (device pointers in the groups; comm an mpopt::comm::nccl, stream its stream):
 //   mpopt::cuda::onebit::optimizer<mpopt::onebit_adam, mpopt::fp16_mixed_policy, mpopt::dynamic_loss_scaler> opt(
@@ -54,6 +56,7 @@
 #include "error.cuh"
 #include "launch.cuh"
 #include "memory.cuh"
+#include "onebit_lamb.cuh"
 #include "reduce.cuh"
 #include "scalars.cuh"
 #include "update.cuh"
@@ -149,12 +152,10 @@ template <class Rule, class Prec, class Scaler = no_scaler>
 class optimizer {
   static constexpr bool is_adam = std::is_same_v<Rule, onebit_adam>;
   static constexpr bool is_zero_one = std::is_same_v<Rule, zero_one_adam>;
-  static_assert(!std::is_same_v<Rule, onebit_lamb>,
-                "mpopt::cuda::onebit::optimizer: 1-bit LAMB has no CUDA kernels yet; use the host "
-                "mpopt::onebit::optimizer<mpopt::onebit_lamb, ...>");
-  static_assert(is_adam || is_zero_one,
-                "mpopt::cuda::onebit::optimizer: the rule must be mpopt::onebit_adam or mpopt::zero_one_adam; other "
-                "rules go to mpopt::cuda::optimizer");
+  static constexpr bool is_lamb = std::is_same_v<Rule, onebit_lamb>;
+  static_assert(is_adam || is_zero_one || is_lamb,
+                "mpopt::cuda::onebit::optimizer: the rule must be mpopt::onebit_adam, mpopt::zero_one_adam or "
+                "mpopt::onebit_lamb; other rules go to mpopt::cuda::optimizer");
   static_assert(mpopt::onebit::supported_policy<Prec>());
 
  public:
@@ -223,14 +224,16 @@ class optimizer {
     // Exact steps take statistics of the mean; the others of the local grads, sharing only the overflow flag.
     const bool share_flag = !exact && several && Scaler::skips_on_overflow(scaler_args_);
     const auto& stats = exact && several ? stats_mean_ : stats_local_;
-    const status scalars_status = enqueue_step_scalars<adam, Scaler, compute_t>(
+    const status scalars_status = enqueue_step_scalars<exact_rule, Scaler, compute_t>(
         stats, stats_grid_, stats_partials{partial_sum_.get(), partial_flag_.get(), 0, stats_grid_}, scaler_args_,
         options_d_.get(), scalars_.get(), args_d_.get(), coeffs_d_.get(), std::uint32_t(groups_.size()), stream, [&] {
           if (share_flag) share_overflow_flag(stream);
         });
     if (last_error_.ok()) last_error_ = scalars_status;
 
-    if (exact) {
+    if constexpr (is_lamb) {
+      if (!groups_.empty()) exact ? warmup_lamb(s, stream) : compressed_lamb(stream);
+    } else if (exact) {
       note(
           launch_update<adam, Prec, 2, 2>(exact_.entries(), exact_.map(), exact_grid_, coeffs_d_.get(), core(), stream),
           "step: launch of the exact Adam update kernel");
@@ -277,8 +280,12 @@ class optimizer {
   void set_hparams(std::size_t g, const args_type& a, cudaStream_t stream) {
     check_group_index(g);
     throw_if_error(mpopt::detail::with_group_prefix(Rule::validate(a), g));
-    store_value_kernel<adam::args><<<1, 1, 0, stream>>>(args_d_.get() + g, Rule::exact(a));
+    store_value_kernel<exact_args><<<1, 1, 0, stream>>>(args_d_.get() + g, Rule::exact(a));
     throw_if_cuda_error(cudaGetLastError(), "set_hparams: launch of the store kernel");
+    if constexpr (is_lamb) {
+      store_value_kernel<args_type><<<1, 1, 0, stream>>>(lamb_.args.get() + g, a);
+      throw_if_cuda_error(cudaGetLastError(), "set_hparams: launch of the store kernel");
+    }
     groups_[g].spec.hparams = a;
   }
   const step_options& options() const noexcept { return step_options_; }
@@ -298,12 +305,49 @@ class optimizer {
                                   " (" + std::to_string(Rule::max_states) + " states)"));
     return groups_[g].states[std::size_t(j)].get();
   }
-  // This rank's error-feedback buffers of group g (device memory; they differ per rank) and their layout.
-  error_feedback& errors(std::size_t g) {
-    check_group_index(g);
-    return groups_[g].errors;
+  // This rank's error-feedback buffers (device memory; they differ per rank) and their layout: one per group, or
+  // (1-bit LAMB) one for the momentum of all groups fused, as the host optimizer's.
+  std::size_t num_error_buffers() const noexcept { return is_lamb ? 1 : groups_.size(); }
+  error_feedback& errors(std::size_t i) {
+    check_error_index(i);
+    if constexpr (is_lamb) {
+      return lamb_.errors;
+    } else {
+      return groups_[i].errors;
+    }
   }
-  const compressed_layout& error_layout(std::size_t g) const { return at(g).layout; }
+  const compressed_layout& error_layout(std::size_t i) const {
+    check_error_index(i);
+    if constexpr (is_lamb) {
+      return lamb_.layout;
+    } else {
+      return groups_[i].layout;
+    }
+  }
+
+  // 1-bit LAMB, per tensor of group g: mpopt::onebit::optimizer::lamb_state. Reading copies it back and waits for
+  // `stream`; setting copies it to the device on `stream` (checkpoint restore).
+  using lamb_tensor_state = onebit_lamb::tensor_state;
+  std::vector<lamb_tensor_state> lamb_state(std::size_t g, cudaStream_t stream) const {
+    static_assert(is_lamb, "lamb_state: only mpopt::onebit_lamb has per-tensor coefficients");
+    check_group_index(g);
+    std::vector<lamb_tensor_state> out(lamb_.tensor_base[g + 1] - lamb_.tensor_base[g]);
+    if (!out.empty())
+      cuda::detail::copy_from_device(out.data(), lamb_.tensors.get() + lamb_.tensor_base[g],
+                                     out.size() * sizeof(lamb_tensor_state), "1-bit LAMB tensor state", stream);
+    return out;
+  }
+  void set_lamb_state(std::size_t g, const std::vector<lamb_tensor_state>& s, cudaStream_t stream) {
+    static_assert(is_lamb, "set_lamb_state: only mpopt::onebit_lamb has per-tensor coefficients");
+    check_group_index(g);
+    const std::size_t tensors = lamb_.tensor_base[g + 1] - lamb_.tensor_base[g];
+    if (s.size() != tensors)
+      throw error(status::invalid("set_lamb_state: group " + std::to_string(g) + " has " + std::to_string(tensors) +
+                                  " tensors, got " + std::to_string(s.size())));
+    if (!s.empty())
+      cuda::detail::copy_to_device(lamb_.tensors.get() + lamb_.tensor_base[g], s.data(),
+                                   s.size() * sizeof(lamb_tensor_state), "1-bit LAMB tensor state", stream);
+  }
   // 0/1 Adam: the weights at the last synchronisation (device memory, group size floats) and the lr spent since; the
   // schedule. They may wait for the previous step.
   const float* sync_point(std::size_t g) const {
@@ -355,6 +399,7 @@ class optimizer {
     group_storage& grp = groups_[g];
     if (mask == nullptr) {
       grp.mask = device_buffer<std::uint8_t>();
+      if constexpr (is_lamb) upload_lamb_segments();
       return;
     }
     if (n != grp.spec.size)
@@ -367,6 +412,7 @@ class optimizer {
     device_buffer<std::uint8_t> d(n, "momentum mask of group " + std::to_string(g));
     cuda::detail::copy_to_device(d.get(), mask, n, "momentum mask", stream);
     grp.mask = std::move(d);
+    if constexpr (is_lamb) upload_lamb_segments();
   }
 
   // The step scalars and the scale for the next backward, in device memory (see mpopt::cuda::optimizer).
@@ -376,8 +422,34 @@ class optimizer {
  private:
   using reduce_type = mpopt::detail::reduce_t<grad_t>;
   using entry_type = tensor_entry<Prec, 2>;
-  using coeffs_type = adam::coeffs<compute_t>;
+  // The rule of the exact steps (Rule::exact): its coefficients are what the step-scalars kernel prepares.
+  using exact_rule = std::conditional_t<is_lamb, lamb, adam>;
+  using exact_args = typename exact_rule::args;
+  using coeffs_type = typename exact_rule::template coeffs<compute_t>;
   using element_step = detail::element_step;
+  using lamb_pass = detail::lamb_pass;
+
+  // 1-bit LAMB's device state and tables (empty for the other rules). Segments and tensors are numbered over all
+  // groups in group order; a tensor's segments are consecutive (slot k is segment k).
+  struct lamb_storage {
+    compressed_layout layout;  // of the fused momentum
+    error_feedback errors;
+    device_buffer<float> fused, prev;
+    device_buffer<args_type> args;  // per group
+    device_buffer<onebit_lamb::tensor_state> tensors;
+    std::vector<std::size_t> tensor_base;  // first tensor of each group, groups + 1 values
+    device_buffer<std::uint64_t> tensor_begin, slot, elements;
+    device_buffer<std::uint32_t> tensor_group, entry_tensor;
+    tensor_segments segments;
+    device_table<entry_type> warmup;  // the exact LAMB's entries: one per segment, on the mean grads
+    std::uint32_t warmup_grid = 0, ratio_grid = 0;
+    std::vector<detail::lamb_segment<Prec>> host_segments;  // re-uploaded when a momentum mask changes
+    device_buffer<detail::lamb_segment<Prec>> segs;
+    std::uint32_t segment_grid = 0;
+    device_buffer<double> partial;   // detail::lamb_partials per segment
+    device_buffer<double> rms;       // per tensor, the equaliser's scratch
+    device_buffer<compute_t> coeff;  // per tensor: the warm-up trust ratio, or the compressed step's coefficient
+  };
 
   struct group_storage {
     group_type spec;
@@ -422,6 +494,11 @@ class optimizer {
     if (g >= groups_.size())
       throw error(status::invalid("group index " + std::to_string(g) + " out of range (" +
                                   std::to_string(groups_.size()) + " groups)"));
+  }
+  void check_error_index(std::size_t i) const {
+    if (i >= num_error_buffers())
+      throw error(status::invalid("errors: index " + std::to_string(i) + " out of range (" +
+                                  std::to_string(num_error_buffers()) + " error buffers)"));
   }
   void note(cudaError_t err, const char* what) { cuda::detail::keep_first_error(last_error_, err, what); }
   const step_core* core() const { return reinterpret_cast<const step_core*>(scalars_.get()); }
@@ -556,6 +633,52 @@ class optimizer {
     }
   }
 
+  // 1-bit LAMB's warm-up: exact LAMB on the mean grads (cuda/update.cuh's per-tensor update), each trust ratio
+  // joining its tensor's EMA; at freeze_step the fresh variance starts from the variance.
+  void warmup_lamb(std::int64_t s, cudaStream_t stream) {
+    lamb_storage& l = lamb_;
+    note(launch_per_tensor_update<lamb, Prec, 2>(
+             l.warmup.entries(), l.warmup.map(), l.warmup_grid, l.entry_tensor.get(), l.segments, l.ratio_grid,
+             coeffs_d_.get(), core(), l.partial.get(), l.partial.get(), l.coeff.get(), stream, [] {}),
+         "step: launch of the exact LAMB update kernels");
+    detail::lamb_warmup_ratio_kernel<compute_t><<<elementwise_grid(l.segments.tensors), block_threads, 0, stream>>>(
+        l.segments, l.args.get(), core(), l.coeff.get(), l.tensors.get());
+    note(cudaGetLastError(), "step: launch of the trust-ratio EMA kernel");
+    for (group_storage& grp : groups_) {
+      if (s != grp.spec.hparams.freeze_step || grp.spec.size == 0) continue;
+      detail::copy_if_applied_kernel<state_t><<<elementwise_grid(grp.spec.size), block_threads, 0, stream>>>(
+          grp.states[2].get(), grp.states[1].get(), grp.spec.size, core());
+      note(cudaGetLastError(), "step: launch of the fresh-variance copy");
+    }
+  }
+
+  // 1-bit LAMB's compressed step, as the host's compressed_lamb: the equalisers (once), the fused momentum and its
+  // 1-bit average, the stored momentum and fresh variance with their per-tensor sums, the factors, the update.
+  void compressed_lamb(cudaStream_t stream) {
+    lamb_storage& l = lamb_;
+    const std::uint64_t count = l.host_segments.size();
+    segment_pass<lamb_pass::momentum_squares>(stream);
+    detail::lamb_equalise_kernel<><<<1, block_threads, 0, stream>>>(l.segments, l.elements.get(), core(),
+                                                                    l.partial.get(), l.rms.get(), l.tensors.get());
+    note(cudaGetLastError(), "step: launch of the equaliser kernel");
+    segment_pass<lamb_pass::fused_momentum>(stream);
+    if (allreduce_) (*allreduce_)(l.fused.get(), l.layout, l.errors, applied_flag());
+    segment_pass<lamb_pass::moments>(stream);
+    detail::lamb_factor_kernel<compute_t><<<l.ratio_grid, block_threads, 0, stream>>>(
+        l.segments, l.args.get(), core(), l.partial.get(), l.tensors.get(), l.coeff.get());
+    note(cudaGetLastError(), "step: launch of the factor kernel");
+    segment_pass<lamb_pass::apply>(stream);
+  }
+
+  template <lamb_pass P>
+  void segment_pass(cudaStream_t stream) {
+    lamb_storage& l = lamb_;
+    if (l.segment_grid == 0) return;
+    detail::lamb_segment_kernel<P, Prec><<<l.segment_grid, block_threads, 0, stream>>>(
+        l.segs.get(), l.host_segments.size(), coeffs_d_.get(), core(), l.tensors.get(), l.coeff.get(), l.partial.get());
+    note(cudaGetLastError(), "step: launch of a 1-bit LAMB segment kernel");
+  }
+
   // Every rank skips when any rank's local grads overflowed.
   void share_overflow_flag(cudaStream_t stream) {
     detail::any_flag_kernel<><<<1, block_threads, 0, stream>>>(partial_flag_.get(), stats_grid_, any_flag_.get());
@@ -579,23 +702,27 @@ class optimizer {
       throw_if_error(cuda::detail::check_group_memory(groups[g], g, device));
     if (comm_ != nullptr) cuda::detail::check_same_layout(*comm_, -1, groups, stream);
 
-    std::size_t largest = 0;
-    for (const group_type& spec : groups) largest = std::max(largest, spec.size);
+    std::size_t largest = 0, total = 0;
+    for (const group_type& spec : groups) {
+      largest = std::max(largest, spec.size);
+      total += spec.size;
+    }
     groups_.reserve(groups.size());
     for (std::size_t g = 0; g < groups.size(); ++g) groups_.push_back(make_group(std::move(groups[g]), g, stream));
     if (world_ > 1) {
       mean_ = cuda::detail::grad_mean<reduce_type>(*comm_, largest, options_.bucket_elements);
-      allreduce_.emplace(*comm_, largest, stream);
+      allreduce_.emplace(*comm_, is_lamb ? total : largest, stream);  // 1-bit LAMB: every group fused
       any_flag_ = device_buffer<double>(1, "overflow flag");
     }
     build_tables();
 
     const std::size_t ng = groups_.size();
-    args_d_ = device_buffer<adam::args>(ng, "hyper-parameters");
+    args_d_ = device_buffer<exact_args>(ng, "hyper-parameters");
     coeffs_d_ = device_buffer<coeffs_type>(ng, "rule coefficients");
-    std::vector<adam::args> args(ng);
+    std::vector<exact_args> args(ng);
     for (std::size_t g = 0; g < ng; ++g) args[g] = Rule::exact(groups_[g].spec.hparams);
     if (ng > 0) cuda::detail::copy_to_device(args_d_.get(), args.data(), args_d_.bytes(), "hyper-parameters", stream);
+    if constexpr (is_lamb) init_lamb(total, stream);
     init_step_state<Scaler>(step_options_, scaler_args_, options_d_, scalars_, stream);
     pending_lr_.assign(ng, 0.0);
     applied_h_ = pinned_buffer<std::int32_t>(1, "applied flag");
@@ -615,9 +742,11 @@ class optimizer {
       grp.states.push_back(
           filled_buffer<state_t>(n, convert<state_t>(0.0f), std::string(Rule::state_names[j]) + where, stream));
     if (world_ > 1) grp.reduced = device_buffer<grad_t>(n, "mean grads" + where);
-    grp.work = device_buffer<float>(n, "1-bit work buffer" + where);
-    grp.layout = compressed_layout::make(n, world_);
-    grp.errors = error_feedback(grp.layout, stream);
+    if constexpr (!is_lamb) {  // 1-bit LAMB averages the fused momentum of every group (lamb_storage)
+      grp.work = device_buffer<float>(n, "1-bit work buffer" + where);
+      grp.layout = compressed_layout::make(n, world_);
+      grp.errors = error_feedback(grp.layout, stream);
+    }
     grp.reduce_part = zero::make_partition(n, world_);
     if constexpr (is_zero_one) grp.anchor = device_buffer<float>(n, "sync point" + where);
     grp.spec = std::move(spec);
@@ -633,30 +762,125 @@ class optimizer {
       local.push_back({grp.spec.grads, grp.spec.size, is_aligned(grp.spec.grads, vector_bytes) ? 1u : 0u});
       mean.push_back({grp.mean_grads(), grp.spec.size, is_aligned(grp.mean_grads(), vector_bytes) ? 1u : 0u});
       chunks += (grp.spec.size + stats_chunk_elems<grad_t> - 1) / stats_chunk_elems<grad_t>;
-      entry_type e{};
-      e.param = grp.spec.params;
-      e.master = grp.master();
-      e.grad = grp.mean_grads();
-      e.states[0] = grp.states[0].get();
-      e.states[1] = grp.states[1].get();
-      e.n = grp.spec.size;
-      e.group = std::uint32_t(g);
-      const bool aligned = is_aligned(e.master, vector_bytes) && is_aligned(e.grad, vector_bytes) &&
-                           (!Prec::separate_master || is_aligned(e.param, vector_bytes)) &&
-                           is_aligned(e.states[0], vector_bytes) && is_aligned(e.states[1], vector_bytes);
-      e.vector_ok = aligned ? 1u : 0u;
-      entries.push_back(e);
+      entries.push_back(exact_entry(g, 0, grp.spec.size));
     }
     stats_local_ = device_table<grad_entry<grad_t>>(local, stats_chunk_elems<grad_t>, "local statistics");
     if (world_ > 1) stats_mean_ = device_table<grad_entry<grad_t>>(mean, stats_chunk_elems<grad_t>, "statistics");
     stats_grid_ = stats_grid(chunks);
     partial_sum_ = device_buffer<double>(stats_grid_, "statistics partial sums");
     partial_flag_ = device_buffer<int>(stats_grid_, "statistics partial flags");
-    const std::uint32_t chunk = std::uint32_t(block_threads) * update_vector_width<Prec> * 4;
-    exact_ = device_table<entry_type>(entries, chunk, "exact update");
-    exact_grid_ = exact_.empty() ? 0u
-                                 : grid_for(resident_blocks(update_kernel<adam, Prec, 2, 2>, "exact update"),
-                                            exact_.map().total_chunks);
+    if constexpr (!is_lamb) {  // 1-bit LAMB's exact steps take segments (init_lamb)
+      const std::uint32_t chunk = std::uint32_t(block_threads) * update_vector_width<Prec> * 4;
+      exact_ = device_table<entry_type>(entries, chunk, "exact update");
+      exact_grid_ = exact_.empty() ? 0u
+                                   : grid_for(resident_blocks(update_kernel<adam, Prec, 2, 2>, "exact update"),
+                                              exact_.map().total_chunks);
+    }
+  }
+
+  // The exact update's entry for elements [begin, begin + n) of group g: the mean grads, exp_avg and exp_avg_sq.
+  entry_type exact_entry(std::size_t g, std::size_t begin, std::size_t n) const {
+    const group_storage& grp = groups_[g];
+    entry_type e{};
+    e.param = grp.spec.params + begin;
+    e.master = grp.master() + begin;
+    e.grad = grp.mean_grads() + begin;
+    e.states[0] = grp.states[0].get() + begin;
+    e.states[1] = grp.states[1].get() + begin;
+    e.n = n;
+    e.group = std::uint32_t(g);
+    e.first_index = begin;
+    const bool aligned = is_aligned(e.master, vector_bytes) && is_aligned(e.grad, vector_bytes) &&
+                         (!Prec::separate_master || is_aligned(e.param, vector_bytes)) &&
+                         is_aligned(e.states[0], vector_bytes) && is_aligned(e.states[1], vector_bytes);
+    e.vector_ok = aligned ? 1u : 0u;
+    return e;
+  }
+
+  // 1-bit LAMB's buffers, per-tensor state and tables: the segments (zero::grid_segments at
+  // per_tensor_segment_elems) of every group in group order, each one entry of the exact update and one of the
+  // compressed kernels.
+  void init_lamb(std::size_t total, cudaStream_t stream) {
+    lamb_storage& l = lamb_;
+    l.layout = compressed_layout::make(total, world_);
+    l.errors = error_feedback(l.layout, stream);
+    l.fused = device_buffer<float>(total, "1-bit LAMB fused momentum");
+    l.prev = device_buffer<float>(total, "1-bit LAMB previous momentum");
+    std::vector<args_type> args;
+    std::vector<std::uint32_t> tensor_group, entry_tensor;
+    std::vector<std::uint64_t> tensor_begin{0}, slots, elements;
+    std::vector<entry_type> warmup;
+    std::size_t fused_offset = 0;
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      const group_storage& grp = groups_[g];
+      args.push_back(grp.spec.hparams);
+      const std::vector<std::size_t> offsets = mpopt::detail::tensor_offsets(grp.spec);
+      const std::size_t base = tensor_group.size();
+      l.tensor_base.push_back(base);
+      for (std::size_t t = 0; t + 1 < offsets.size(); ++t) {
+        tensor_group.push_back(std::uint32_t(g));
+        elements.push_back(offsets[t + 1] - offsets[t]);
+      }
+      std::vector<std::uint64_t> per_tensor(offsets.size() - 1, 0);
+      for (const zero::segment& seg :
+           zero::grid_segments(zero::range{0, grp.spec.size}, offsets, per_tensor_segment_elems)) {
+        const std::size_t n = seg.end - seg.begin;
+        const std::uint32_t tensor = std::uint32_t(base + seg.tensor);
+        ++per_tensor[seg.tensor];
+        slots.push_back(slots.size());
+        entry_tensor.push_back(tensor);
+        warmup.push_back(exact_entry(g, seg.begin, n));
+        detail::lamb_segment<Prec> d{};
+        d.master = grp.master() + seg.begin;
+        d.param = grp.spec.params + seg.begin;
+        d.m = grp.states[0].get() + seg.begin;
+        d.v = grp.states[1].get() + seg.begin;
+        d.fresh = grp.states[2].get() + seg.begin;
+        d.grad = grp.spec.grads + seg.begin;
+        d.fused = l.fused.get() + fused_offset + seg.begin;
+        d.prev = l.prev.get() + fused_offset + seg.begin;
+        d.n = n;
+        d.group = std::uint32_t(g);
+        d.tensor = tensor;
+        l.host_segments.push_back(d);
+      }
+      for (std::uint64_t c : per_tensor) tensor_begin.push_back(tensor_begin.back() + c);
+      fused_offset += grp.spec.size;
+    }
+    l.tensor_base.push_back(tensor_group.size());
+    const std::size_t tensors = tensor_group.size();
+    l.args = cuda::detail::upload(args, "1-bit LAMB hyper-parameters");
+    l.tensors = cuda::detail::upload(std::vector<onebit_lamb::tensor_state>(tensors), "1-bit LAMB tensor state");
+    l.tensor_begin = cuda::detail::upload(tensor_begin, "1-bit LAMB segment index");
+    l.slot = cuda::detail::upload(slots, "1-bit LAMB segment slots");
+    l.elements = cuda::detail::upload(elements, "1-bit LAMB tensor sizes");
+    l.tensor_group = cuda::detail::upload(tensor_group, "1-bit LAMB tensor groups");
+    l.entry_tensor = cuda::detail::upload(entry_tensor, "1-bit LAMB segment tensors");
+    l.segments = tensor_segments{l.tensor_begin.get(), l.slot.get(), l.tensor_group.get(), std::uint32_t(tensors)};
+    l.partial = device_buffer<double>(detail::lamb_partials * slots.size(), "1-bit LAMB segment sums");
+    l.rms = device_buffer<double>(tensors, "1-bit LAMB momentum RMS");
+    // 1: the trust ratio of a step with no segment at all (every tensor empty), as the host's.
+    l.coeff = cuda::detail::upload(std::vector<compute_t>(tensors, compute_t(1)), "1-bit LAMB coefficients");
+    l.warmup = device_table<entry_type>(warmup, per_tensor_segment_elems, "1-bit LAMB exact update");
+    const std::uint64_t segments = slots.size();
+    if (segments > 0) {
+      l.warmup_grid =
+          grid_for(resident_blocks(per_tensor_phase1_kernel<lamb, Prec, 2>, "1-bit LAMB exact update"), segments);
+      l.segment_grid = grid_for(
+          resident_blocks(detail::lamb_segment_kernel<lamb_pass::moments, Prec>, "1-bit LAMB segments"), segments);
+    }
+    l.ratio_grid = std::uint32_t(std::min<std::uint64_t>(tensors, 4096));
+    upload_lamb_segments();
+  }
+
+  // The compressed kernels' segment table, with each group's current momentum mask.
+  void upload_lamb_segments() {
+    lamb_storage& l = lamb_;
+    for (detail::lamb_segment<Prec>& d : l.host_segments) {
+      const group_storage& grp = groups_[d.group];
+      d.mask = grp.mask.size() > 0 ? grp.mask.get() + (d.master - grp.master()) : nullptr;
+    }
+    l.segs = cuda::detail::upload(l.host_segments, "1-bit LAMB segments");
   }
 
   comm::communicator* comm_ = nullptr;  // null: one GPU
@@ -679,7 +903,7 @@ class optimizer {
   std::optional<compressed_allreduce> allreduce_;
   device_buffer<double> any_flag_;
 
-  device_buffer<adam::args> args_d_;
+  device_buffer<exact_args> args_d_;
   device_buffer<coeffs_type> coeffs_d_;
   device_buffer<device_options> options_d_;
   device_buffer<scalars_type> scalars_;
@@ -690,6 +914,7 @@ class optimizer {
   device_buffer<int> partial_flag_;
   device_table<entry_type> exact_;
   std::uint32_t exact_grid_ = 0;
+  lamb_storage lamb_;
 };
 
 }  // namespace mpopt::cuda::onebit

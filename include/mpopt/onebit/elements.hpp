@@ -1,6 +1,7 @@
-// The per-element bodies of the 1-bit Adam family's steps (1-bit Adam's compressed step, 0/1 Adam's compressed-grad
-// and local steps), on one element's master, param copy and states. The host loops (onebit/optimizer.hpp) and the CUDA
-// kernels (cuda/onebit.cuh) both call these, so the two backends round alike step for step.
+// The per-element bodies of the 1-bit family's steps (1-bit Adam's compressed step, 0/1 Adam's compressed-grad and
+// local steps, 1-bit LAMB's compressed step), on one element's master, param copy and states. The host loops
+// (onebit/optimizer.hpp) and the CUDA kernels (cuda/onebit.cuh) both call these, so the two backends round alike step
+// for step.
 //
 // Every state is stored and read back before the weight uses it (as the exact rules do), and the master is rounded
 // once with the param copy made from that rounded master.
@@ -81,6 +82,48 @@ MPOPT_HOST_DEVICE MPOPT_FORCEINLINE void apply_synchronised(const adam::coeffs<C
   if (lr_sum > 0) store_state<Prec>(m, C(-double(x) / lr_sum));
   store_weight<Prec>(master, param, anchor + x / denominator<Prec>(k, v));
   anchor = convert<float>(master);
+}
+
+// 1-bit LAMB's compressed step (k: the exact LAMB's coefficients, Rule::exact). Before the allreduce: the momentum
+// advanced by the local grad, times the tensor's equaliser.
+template <class Prec, class C>
+MPOPT_HOST_DEVICE MPOPT_FORCEINLINE C lamb_fused_momentum(const lamb::coeffs<C>& k, C m_old, typename Prec::grad_t g,
+                                                          C factor, C scale) {
+  return onebit_math::momentum(m_old, k.beta1, k.one_minus_beta1, scaled_grad<Prec>(g, factor)) * scale;
+}
+
+// What one element adds to its tensor's sums: |update without decay|^2, |update|^2, and the variance ratio whose
+// maximum bounds the factor.
+template <class C>
+struct lamb_terms {
+  C u0, u, ratio;
+};
+
+// After the allreduce: stores the averaged momentum m_new (divided back by the equaliser, masked), and the fresh
+// variance from the grad it implies (m_old: the momentum before this step); returns the element's terms.
+template <class Prec, class C>
+MPOPT_HOST_DEVICE MPOPT_FORCEINLINE lamb_terms<C> lamb_moments(const lamb::coeffs<C>& k, typename Prec::master_t w,
+                                                               typename Prec::state_t& m, typename Prec::state_t v,
+                                                               typename Prec::state_t& fresh, C m_new, C m_old) {
+  C st[2];
+  st[0] = store_state<Prec>(m, m_new);
+  const C g_rec = (st[0] - k.beta1 * m_old) / k.one_minus_beta1;
+  const C f = store_state<Prec>(fresh, k.beta2 * convert<C>(fresh) + k.one_minus_beta2 * (g_rec * g_rec));
+  st[1] = convert<C>(v);
+  const C fresh_denom = mpopt::detail::sqrt_c(f) + k.eps;
+  return {lamb::adaptive(k, st), lamb::direction(k, convert<C>(w), st),
+          (mpopt::detail::sqrt_c(st[1]) + k.eps) / fresh_denom};
+}
+
+// The weight step with the tensor's coefficient (the frozen EMA times the bounded factor).
+template <class Prec, class C>
+MPOPT_HOST_DEVICE MPOPT_FORCEINLINE void lamb_apply(const lamb::coeffs<C>& k, typename Prec::master_t& master,
+                                                    typename Prec::param_t& param, typename Prec::state_t m,
+                                                    typename Prec::state_t v, C coeff) {
+  const C st[2] = {convert<C>(m), convert<C>(v)};
+  C w = convert<C>(master);
+  lamb::apply_direction(k, w, lamb::direction(k, w, st), coeff);
+  store_weight<Prec>(master, param, w);
 }
 
 }  // namespace mpopt::onebit::element

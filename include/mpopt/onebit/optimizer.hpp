@@ -277,12 +277,7 @@ class optimizer {
 
   // 1-bit LAMB, per tensor of group g: the frozen EMA of the warm-up trust ratios, the last bounded factor, the
   // momentum equaliser (0 until the first compressed step) and the coefficient of the last step (for logging).
-  struct lamb_tensor_state {
-    double coeff_freeze = 0.0;
-    double last_factor = 1.0;
-    double scaling_coeff = 0.0;
-    double last_coeff = 1.0;
-  };
+  using lamb_tensor_state = onebit_lamb::tensor_state;
   const std::vector<lamb_tensor_state>& lamb_state(std::size_t g) const {
     static_assert(is_lamb, "lamb_state: only mpopt::onebit_lamb has per-tensor coefficients");
     return at(g).lamb;
@@ -666,12 +661,8 @@ class optimizer {
       host::per_tensor_partials<lamb, Prec>(v, k, grp.segments, 0, factor, grp.segment_partials.data());
       host::trust_ratios<lamb>(k, grp.segments, grp.segment_partials.data(), grp.lamb.size(), grp.tensor_sums.data(),
                                grp.trust_ratio.data());
-      for (std::size_t t = 0; t < grp.lamb.size(); ++t) {
-        const double ratio = double(grp.trust_ratio[t]);
-        if (ratio != 1.0)
-          grp.lamb[t].coeff_freeze = a.coeff_beta * grp.lamb[t].coeff_freeze + (1 - a.coeff_beta) * ratio;
-        grp.lamb[t].last_coeff = ratio;
-      }
+      for (std::size_t t = 0; t < grp.lamb.size(); ++t)
+        onebit_lamb::record_warmup_ratio(a, grp.lamb[t], double(grp.trust_ratio[t]));
       host::per_tensor_apply<lamb, Prec>(v, k, grp.segments, 0, grp.trust_ratio.data());
       if (s == a.freeze_step)
         std::copy(grp.states[1].data(), grp.states[1].data() + grp.spec.size, grp.states[2].data());
@@ -691,8 +682,7 @@ class optimizer {
         for (std::size_t i = grp.offsets[t]; i < grp.offsets[t + 1]; ++i) {
           const C m_old = load_state(grp, 0, i);
           prev[grp.fused_offset + i] = m_old;
-          fused[grp.fused_offset + i] =
-              onebit_math::momentum(m_old, k.beta1, k.one_minus_beta1, convert<C>(g[i]) * factor) * scale;
+          fused[grp.fused_offset + i] = element::lamb_fused_momentum<Prec>(k, m_old, g[i], factor, scale);
         }
       }
     }
@@ -710,28 +700,17 @@ class optimizer {
       const C scale = C(ts.scaling_coeff);
       double u0_sq = 0.0, u_sq = 0.0, max_ratio = 0.0;
       for (std::size_t i = grp.offsets[t]; i < grp.offsets[t + 1]; ++i) {
-        C st[3];
-        st[0] = store_state(grp, 0, i, C(grp.masked(i, fused[i] / scale)));
-        const C g_rec = (st[0] - k.beta1 * C(prev[i])) / k.one_minus_beta1;
-        const C fresh = store_state(grp, 2, i, k.beta2 * load_state(grp, 2, i) + k.one_minus_beta2 * (g_rec * g_rec));
-        st[1] = load_state(grp, 1, i);
-        const C w = convert<C>(grp.master()[i]);
-        const C u0 = lamb::adaptive(k, st);
-        const C u = lamb::direction(k, w, st);
-        u0_sq += double(u0) * double(u0);
-        u_sq += double(u) * double(u);
-        const C fresh_denom = mpopt::detail::sqrt_c(fresh) + k.eps;
-        max_ratio = std::max(max_ratio, double((mpopt::detail::sqrt_c(st[1]) + k.eps) / fresh_denom));
+        const element::lamb_terms<C> e =
+            element::lamb_moments<Prec>(k, grp.master()[i], grp.states[0][i], grp.states[1][i], grp.states[2][i],
+                                        C(grp.masked(i, fused[i] / scale)), C(prev[i]));
+        u0_sq += double(e.u0) * double(e.u0);
+        u_sq += double(e.u) * double(e.u);
+        max_ratio = std::max(max_ratio, double(e.ratio));
       }
-      ts.last_factor = onebit_lamb::bounded_factor(a, max_ratio, std::sqrt(u0_sq), std::sqrt(u_sq), ts.last_factor);
-      ts.last_coeff = ts.coeff_freeze * ts.last_factor;
+      onebit_lamb::record_compressed_factor(a, ts, max_ratio, std::sqrt(u0_sq), std::sqrt(u_sq));
       const C coeff = C(ts.last_coeff);
-      for (std::size_t i = grp.offsets[t]; i < grp.offsets[t + 1]; ++i) {
-        C st[3] = {load_state(grp, 0, i), load_state(grp, 1, i), C(0)};
-        C w = convert<C>(grp.master()[i]);
-        lamb::apply_direction(k, w, lamb::direction(k, w, st), coeff);
-        store(grp, i, w);
-      }
+      for (std::size_t i = grp.offsets[t]; i < grp.offsets[t + 1]; ++i)
+        element::lamb_apply<Prec>(k, grp.master()[i], grp.spec.params[i], grp.states[0][i], grp.states[1][i], coeff);
     }
   }
 
@@ -758,8 +737,7 @@ class optimizer {
     std::size_t at = 0;
     for (group& grp : groups_)
       for (lamb_tensor_state& ts : grp.lamb) {
-        const double r = rms[at++];
-        ts.scaling_coeff = r > 0 && united > 0 ? united / r : 1.0;
+        ts.scaling_coeff = onebit_lamb::equaliser(rms[at++], united);
       }
   }
 

@@ -151,9 +151,25 @@ struct onebit_lamb {
     return e;
   }
 
+  // Per tensor: the frozen EMA of the warm-up trust ratios, the last bounded factor, the momentum equaliser (0 until
+  // the first compressed step) and the coefficient of the last step (for logging). Host and CUDA optimizers keep it.
+  struct tensor_state {
+    double coeff_freeze = 0.0;
+    double last_factor = 1.0;
+    double scaling_coeff = 0.0;
+    double last_coeff = 1.0;
+  };
+
+  // A warm-up step's trust ratio joins the EMA (a ratio of exactly 1, LAMB's "a norm is zero", does not).
+  MPOPT_HOST_DEVICE static void record_warmup_ratio(const args& a, tensor_state& t, double ratio) {
+    if (ratio != 1.0) t.coeff_freeze = a.coeff_beta * t.coeff_freeze + (1 - a.coeff_beta) * ratio;
+    t.last_coeff = ratio;
+  }
+
   // A tensor's compressed-phase factor from max_i (sqrt(v_i) + eps) / (sqrt(v_fresh_i) + eps) and, with weight decay,
   // the norms of the update without (u0) and with (u) it; bounded as described above. Returns the new last factor.
-  static double bounded_factor(const args& a, double max_ratio, double u0_norm, double u_norm, double last_factor) {
+  MPOPT_HOST_DEVICE static double bounded_factor(const args& a, double max_ratio, double u0_norm, double u_norm,
+                                                 double last_factor) {
     double f = max_ratio;
     if (a.weight_decay > 0 && u_norm > 0) {
       const double rho = std::fmin(1.0, u0_norm / u_norm);
@@ -161,6 +177,19 @@ struct onebit_lamb {
     }
     f = std::fmin(std::fmax(f, a.factor_min), a.factor_max);
     return std::fmin(std::fmax(f, last_factor * (1.0 - a.factor_threshold)), last_factor * (1.0 + a.factor_threshold));
+  }
+
+  // A compressed step's coefficient of one tensor: the frozen EMA times the bounded factor.
+  MPOPT_HOST_DEVICE static void record_compressed_factor(const args& a, tensor_state& t, double max_ratio,
+                                                         double u0_norm, double u_norm) {
+    t.last_factor = bounded_factor(a, max_ratio, u0_norm, u_norm, t.last_factor);
+    t.last_coeff = t.coeff_freeze * t.last_factor;
+  }
+
+  // The equaliser of a tensor whose momentum has RMS `rms`, when the tensors' mean RMS is `united`: an all-zero
+  // momentum keeps scale 1 (DeepSpeed divides by zero).
+  MPOPT_HOST_DEVICE static double equaliser(double rms, double united) {
+    return rms > 0 && united > 0 ? united / rms : 1.0;
   }
 };
 
