@@ -151,6 +151,15 @@ inline status validate_zero_options(const zero_options& z) {
   return status::success();
 }
 
+// gather() and prefetch() of the host and CUDA optimizers: only stage 3 shards the params.
+inline void check_stage3(const zero_options& z, const char* what) {
+  if (z.stage != 3)
+    throw error(status::invalid(std::string(what) +
+                                ": params are sharded only at ZeRO stage 3, this optimizer is at "
+                                "stage " +
+                                std::to_string(z.stage)));
+}
+
 // memory(): one group's bytes by role, from the group records of the host and CUDA optimizers (the same members).
 template <class Prec, class Group>
 void add_group_memory(memory_report& m, const Group& grp, int stage) {
@@ -493,24 +502,29 @@ class optimizer {
   }
 
   // Stage 3: the full params of tensors [first, last) of group g, contiguous; valid until the matching release().
-  // Collective. Gathering a range already gathered returns the same buffer and counts one more use.
+  // Collective. Gathering a range already gathered (or prefetched) returns the same buffer and counts one more use.
   const param_t* gather(std::size_t g, std::size_t first, std::size_t last) {
-    if (zero_.stage != 3)
-      throw error(status::invalid("gather: params are sharded only at ZeRO stage 3, this optimizer is at stage " +
-                                  std::to_string(zero_.stage)));
+    detail::check_stage3(zero_, "gather");
     const zero::range r = tensor_range(g, first, last, "gather");
     if (host::aligned_buffer<param_t>* again = live_.reuse(g, first, last)) return again->data();
     live_.check_room(g, first, last, r.size(), zero_.max_live_elements);
-    group& grp = groups_[g];
-    host::aligned_buffer<param_t> full(r.size());
-    const zero::range mine = zero::intersect(r, grp.local);
-    if (!mine.empty())
-      std::copy(grp.param_shard.data() + (mine.begin - grp.local.begin),
-                grp.param_shard.data() + (mine.end - grp.local.begin), full.data() + (mine.begin - r.begin));
-    all_gather_range(grp, r, full.data());
-    return live_.add(g, first, last, std::move(full)).data();
+    return live_.add(g, first, last, gather_range(groups_[g], r)).data();
   }
 
+  // Stage 3: gathers tensors [first, last) of group g ahead of their gather() (DeepSpeed's prefetch), holding them
+  // with no use until then; returns false and does nothing when they are already gathered or do not fit under
+  // max_live_elements beside what is (the same answer on every rank). Collective. The host communicators' collectives
+  // block, so the all-gather runs here (cuda::optimizer's overlaps later work); a release() frees the range even if
+  // gather() never used it.
+  bool prefetch(std::size_t g, std::size_t first, std::size_t last) {
+    detail::check_stage3(zero_, "prefetch");
+    const zero::range r = tensor_range(g, first, last, "prefetch");
+    if (live_.holds(g, first, last) || !live_.has_room(r.size(), zero_.max_live_elements)) return false;
+    live_.add(g, first, last, gather_range(groups_[g], r), /*uses=*/0);
+    return true;
+  }
+
+  // One use of a gathered range fewer; its memory goes with the last.
   void release(std::size_t g, std::size_t first, std::size_t last) { live_.release(g, first, last); }
   std::size_t live_elements() const noexcept { return live_.elements(); }
 
@@ -826,6 +840,17 @@ class optimizer {
     if (zero_.stage == 1 || zero_.stage == 2) {
       if (world_ > 1) all_gather_range(grp, zero::range{0, grp.spec.size}, grp.spec.params);
     }
+  }
+
+  // Stage 3: a new buffer holding the full params of group elements r.
+  host::aligned_buffer<param_t> gather_range(const group& grp, zero::range r) {
+    host::aligned_buffer<param_t> full(r.size());
+    const zero::range mine = zero::intersect(r, grp.local);
+    if (!mine.empty())
+      std::copy(grp.param_shard.data() + (mine.begin - grp.local.begin),
+                grp.param_shard.data() + (mine.end - grp.local.begin), full.data() + (mine.begin - r.begin));
+    all_gather_range(grp, r, full.data());
+    return full;
   }
 
   // In place: buf holds group elements r, this rank's own already in place.

@@ -204,6 +204,8 @@ TEST_CASE("cuda ZeRO rejects bad use with a message that names it") {
             opt.reduce_grads(0, 0, 1, g.get(), comm.stream());
           }).find("reduce_grads is for stages 2 and 3") != std::string::npos);
     CHECK(message([&] { opt.gather(0, 0, 1, comm.stream()); }).find("only at ZeRO stage 3") != std::string::npos);
+    CHECK(message([&] { opt.prefetch(0, 0, 1); }).find("prefetch: params are sharded only at ZeRO stage 3") !=
+          std::string::npos);
     MPOPT_CUDA_REQUIRE(cudaStreamDestroy(other));
 
     z.stage = 2;
@@ -218,6 +220,8 @@ TEST_CASE("cuda ZeRO rejects bad use with a message that names it") {
     z.max_live_elements = n - 1;
     opt_t three({group}, comm, z, {}, {}, comm.stream());
     CHECK(message([&] { three.gather(0, 0, 1, comm.stream()); }).find("max_live_elements = 999") != std::string::npos);
+    CHECK_FALSE(three.prefetch(0, 0, 1));  // does not fit: nothing happens
+    CHECK(three.live_elements() == 0);
     CHECK(message([&] { three.release(0, 0, 1); }).find("are not gathered") != std::string::npos);
   });
 

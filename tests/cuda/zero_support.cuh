@@ -56,6 +56,15 @@ struct zero_trajectory {
   std::vector<mpopt::zero::range> local;            // per group
 };
 
+// A stream of the test's own, as a framework's forward pass would use (not the communicator's).
+struct consumer_stream {
+  cudaStream_t stream = nullptr;
+  consumer_stream() { MPOPT_CUDA_REQUIRE(cudaStreamCreate(&stream)); }
+  consumer_stream(const consumer_stream&) = delete;
+  consumer_stream& operator=(const consumer_stream&) = delete;
+  ~consumer_stream() { (void)cudaStreamDestroy(stream); }
+};
+
 template <class Rule, class Prec, class Scaler>
 struct zero_setup {
   using P = typename Prec::param_t;
@@ -88,7 +97,9 @@ struct zero_setup {
   };
 
   // One rank's run. comm == nullptr: the reference, no ZeRO. Stages 2-3 feed odd steps through reduce_grads(), one
-  // tensor at a time, and even steps through param_group::grads. Records steps [first_step, num_steps).
+  // tensor at a time, and even steps through param_group::grads. Stage 3 reads the params as a forward pass on a
+  // stream of its own would: gathered on that stream, and on odd steps prefetched first. Records steps
+  // [first_step, num_steps).
   zero_trajectory<Prec> run(mpopt::comm::communicator* comm, cudaStream_t stream, int stage, int rank, int world,
                             const resume& ckpt = {}) const {
     using M = typename Prec::master_t;
@@ -109,6 +120,7 @@ struct zero_setup {
         comm == nullptr ? opt_t(groups, scaler, options, stream) : opt_t(groups, *comm, zero, scaler, options, stream);
     zero_trajectory<Prec> out;
     for (std::size_t g = 0; g < ng; ++g) out.local.push_back(opt.local_range(g));
+    const consumer_stream forward;
     if (!ckpt.load_dir.empty()) mpopt::checkpoint::load(opt, ckpt.load_dir, {}, stream);
     for (int step = ckpt.first_step; step < num_steps; ++step) {
       const bool inf = comm == nullptr ? overflow_here(step, world - 1, world) : overflow_here(step, rank, world);
@@ -127,13 +139,16 @@ struct zero_setup {
       std::vector<std::vector<P>> p;
       std::vector<std::vector<M>> m;
       std::vector<std::vector<S>> s0;
+      const bool gathers = comm != nullptr && stage == 3;
+      if (gathers && step % 2 == 1)
+        for (std::size_t g = 0; g < ng; ++g) CHECK(opt.prefetch(g, 0, shape.num_tensors(g)));
       for (std::size_t g = 0; g < ng; ++g) {
         const std::size_t n = shape.sizes[g];
-        if (comm != nullptr && stage == 3) {
-          const P* full = opt.gather(g, 0, shape.num_tensors(g), stream);
-          MPOPT_CUDA_REQUIRE(cudaStreamSynchronize(stream));
+        if (gathers) {
+          const P* full = opt.gather(g, 0, shape.num_tensors(g), forward.stream);
+          MPOPT_CUDA_REQUIRE(cudaStreamSynchronize(forward.stream));
           p.push_back(to_host(full, n));
-          opt.release(g, 0, shape.num_tensors(g));
+          opt.release(g, 0, shape.num_tensors(g), forward.stream);
         } else {
           MPOPT_CUDA_REQUIRE(cudaStreamSynchronize(stream));
           p.push_back(to_host(params[g].get(), n));
@@ -141,6 +156,7 @@ struct zero_setup {
         m.push_back(to_host(opt.master(g), out.local[g].size()));
         s0.push_back(to_host(opt.state(g, 0), out.local[g].size()));
       }
+      if (gathers) CHECK(opt.live_elements() == 0);
       out.params.push_back(std::move(p));
       out.master.push_back(std::move(m));
       out.state0.push_back(std::move(s0));

@@ -148,6 +148,8 @@ void check_equivalence(const run_setup<Rule, Prec, Scaler>& setup, int stage, co
       for (std::size_t g = 0; g < groups; ++g) {
         std::size_t offset = 0;
         for (std::size_t t = 0; t < lay.tensors[g].size(); ++t) {
+          // Odd steps prefetch as a framework would: the next tensor is gathered before this one is used.
+          if (step % 2 == 1 && t + 1 < lay.tensors[g].size()) CHECK(opt.prefetch(g, t + 1, t + 2));
           const param_t* p = opt.gather(g, t, t + 1);
           const std::size_t n = lay.tensors[g][t];
           const auto want = ref_params[g].begin() + std::ptrdiff_t(offset);
@@ -438,6 +440,9 @@ TEST_CASE("ZeRO: misuse is refused with a message naming the value") {
                          mpopt::error);
     CHECK_THROWS_WITH_AS(opt.gather(0, 0, 1),
                          "gather: params are sharded only at ZeRO stage 3, this optimizer is at stage 1", mpopt::error);
+    CHECK_THROWS_WITH_AS(opt.prefetch(0, 0, 1),
+                         "prefetch: params are sharded only at ZeRO stage 3, this optimizer is at stage 1",
+                         mpopt::error);
   }
   {
     mpopt::zero_options z;
@@ -447,13 +452,26 @@ TEST_CASE("ZeRO: misuse is refused with a message naming the value") {
     opt_t opt({spec}, comm, z);
     CHECK_THROWS_WITH_AS(opt.gather(0, 0, 3), "gather: tensors [0, 3) out of range for group 0 (2 tensors)",
                          mpopt::error);
-    opt.gather(0, 0, 1);  // 40 live
+    CHECK_THROWS_WITH_AS(opt.prefetch(0, 2, 3), "prefetch: tensors [2, 3) out of range for group 0 (2 tensors)",
+                         mpopt::error);
+    CHECK(opt.prefetch(0, 0, 1));        // 40 live, not yet in use
+    CHECK_FALSE(opt.prefetch(0, 0, 1));  // already gathered: nothing to do
+    CHECK_FALSE(opt.prefetch(0, 1, 2));  // 60 more do not fit under 70: nothing happens
+    CHECK(opt.live_elements() == 40);
+    const float* first = opt.gather(0, 0, 1);  // the prefetched range's first use
+    CHECK(opt.gather(0, 0, 1) == first);       // and a second
+    opt.release(0, 0, 1);
+    CHECK(opt.live_elements() == 40);
     CHECK_THROWS_WITH_AS(opt.gather(0, 1, 2),
                          "gather: group 0 tensors [1, 2) need 60 elements but 40 of zero_options.max_live_elements "
                          "= 70 are gathered; release some first",
                          mpopt::error);
     opt.release(0, 0, 1);
     CHECK_THROWS_WITH_AS(opt.release(0, 0, 1), "release: group 0 tensors [0, 1) are not gathered", mpopt::error);
+    CHECK(opt.prefetch(0, 1, 2));  // a prefetch that is never used: release() frees it
+    CHECK(opt.live_elements() == 60);
+    opt.release(0, 1, 2);
+    CHECK(opt.live_elements() == 0);
     CHECK_THROWS_WITH_AS(opt.step(), "step: group 0 has no grads: call reduce_grads() or set param_group::grads",
                          mpopt::error);
   }

@@ -1,4 +1,5 @@
-// device_buffer<T> and pinned_buffer<T>: owning device and page-locked host allocations; checks of device pointers.
+// device_buffer<T>, pinned_buffer<T> and stream_ordered_buffer<T>: owning device, page-locked host and stream-ordered
+// device allocations; ordering_event; checks of device pointers.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -79,6 +80,83 @@ template <class T>
 using device_buffer = owning_buffer<T, device_space>;
 template <class T>
 using pinned_buffer = owning_buffer<T, pinned_space>;
+
+// An owning stream-ordered device allocation (cudaMallocAsync, cudaFreeAsync on one stream): allocating and freeing
+// are ordered on that stream like its kernels, and neither waits for the device as cudaMalloc and cudaFree do.
+template <class T>
+class stream_ordered_buffer {
+  static_assert(std::is_trivially_copyable_v<T>, "mpopt::cuda buffers hold trivially copyable elements only");
+
+ public:
+  stream_ordered_buffer() = default;
+  // Throws mpopt::error naming `what` and the byte count when the allocation cannot be enqueued.
+  stream_ordered_buffer(std::size_t n, cudaStream_t stream, const std::string& what) : size_(n), stream_(stream) {
+    if (n == 0) return;
+    void* p = nullptr;
+    throw_if_cuda_error(cudaMallocAsync(&p, n * sizeof(T), stream),
+                        "cudaMallocAsync(" + what + ", " + std::to_string(n * sizeof(T)) + " bytes)");
+    data_ = static_cast<T*>(p);
+  }
+  stream_ordered_buffer(const stream_ordered_buffer&) = delete;
+  stream_ordered_buffer& operator=(const stream_ordered_buffer&) = delete;
+  stream_ordered_buffer(stream_ordered_buffer&& o) noexcept
+      : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)), stream_(o.stream_) {}
+  stream_ordered_buffer& operator=(stream_ordered_buffer&& o) noexcept {
+    if (this != &o) {
+      release();
+      data_ = std::exchange(o.data_, nullptr);
+      size_ = std::exchange(o.size_, 0);
+      stream_ = o.stream_;
+    }
+    return *this;
+  }
+  ~stream_ordered_buffer() { release(); }
+
+  T* get() const noexcept { return data_; }
+  std::size_t size() const noexcept { return size_; }
+
+ private:
+  void release() noexcept {
+    if (data_ != nullptr) (void)cudaFreeAsync(data_, stream_);  // fails only when the context is gone
+    data_ = nullptr;
+    size_ = 0;
+  }
+
+  T* data_ = nullptr;
+  std::size_t size_ = 0;
+  cudaStream_t stream_ = nullptr;
+};
+
+// An owning CUDA event without timing: it orders work between streams (record on one, wait on another).
+class ordering_event {
+ public:
+  ordering_event() = default;
+  // Creates the event; throws mpopt::error naming `what` on failure.
+  explicit ordering_event(const char* what) {
+    throw_if_cuda_error(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming),
+                        std::string("cudaEventCreate (") + what + ")");
+  }
+  ordering_event(const ordering_event&) = delete;
+  ordering_event& operator=(const ordering_event&) = delete;
+  ordering_event(ordering_event&& o) noexcept : event_(std::exchange(o.event_, nullptr)) {}
+  ordering_event& operator=(ordering_event&& o) noexcept {
+    if (this != &o) {
+      destroy();
+      event_ = std::exchange(o.event_, nullptr);
+    }
+    return *this;
+  }
+  ~ordering_event() { destroy(); }
+
+  cudaEvent_t get() const noexcept { return event_; }
+
+ private:
+  void destroy() noexcept {
+    if (event_ != nullptr) (void)cudaEventDestroy(event_);
+    event_ = nullptr;
+  }
+  cudaEvent_t event_ = nullptr;
+};
 
 namespace detail {
 

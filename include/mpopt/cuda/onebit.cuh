@@ -34,7 +34,6 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <memory>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -141,10 +140,6 @@ template <int = 0>
 __global__ void set_flag_kernel(const double* any, int* flags) {
   if (*any != 0.0) flags[0] = 1;
 }
-
-struct event_deleter {
-  void operator()(cudaEvent_t e) const noexcept { (void)cudaEventDestroy(e); }
-};
 
 }  // namespace detail
 
@@ -726,9 +721,7 @@ class optimizer {
     init_step_state<Scaler>(step_options_, scaler_args_, options_d_, scalars_, stream);
     pending_lr_.assign(ng, 0.0);
     applied_h_ = pinned_buffer<std::int32_t>(1, "applied flag");
-    cudaEvent_t e = nullptr;
-    throw_if_cuda_error(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
-    done_.reset(e);
+    done_ = ordering_event("the end of each step");
     throw_if_cuda_error(cudaStreamSynchronize(stream), "cudaStreamSynchronize (optimizer construction)");
   }
 
@@ -897,7 +890,7 @@ class optimizer {
   pending_step pending_;
   std::vector<double> pending_lr_;  // each group's lr when the pending step was enqueued
   pinned_buffer<std::int32_t> applied_h_;
-  std::unique_ptr<CUevent_st, detail::event_deleter> done_;
+  ordering_event done_;
 
   cuda::detail::grad_mean<reduce_type> mean_;
   std::optional<compressed_allreduce> allreduce_;

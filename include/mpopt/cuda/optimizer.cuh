@@ -24,7 +24,10 @@
 // same order and reaches the same decision (overflow skip, clip factor). The collectives are enqueued on the
 // communicator's stream, which must be the stream of construction and of every step(): the step stays free of host
 // synchronisation and capturable (NCCL supports graph capture). LAMB's per-tensor sums come from fixed segments whose
-// sums are all-gathered (update.cuh), so its sharded steps give the single-rank bits too.
+// sums are all-gathered (update.cuh), so its sharded steps give the single-rank bits too. Stage 3's gathers also run
+// on the communicator's stream, but the forward and backward that use them may run on streams of their own: gather()
+// makes its stream wait for the range (an event), prefetch() starts a range's gather early so that it overlaps that
+// work, and release() returns the memory in stream order after its stream's use.
 //
 // Errors: construction and the setters throw mpopt::error (bad input: errc::invalid_argument with the host
 // optimizer's messages; a CUDA failure: errc::unsupported naming the call). step() cannot throw on a launch failure
@@ -189,30 +192,45 @@ class optimizer {
   }
 
   // Stage 3: the full params of tensors [first, last) of group g, contiguous in device memory, valid in `stream`
-  // order until the matching release(). Collective. Gathering a range already gathered returns the same buffer and
-  // counts one more use. Allocates (cudaMalloc): not capturable.
+  // order until the matching release(). Collective. The all-gather runs on the communicator's stream and `stream`
+  // (any stream of this device) waits for it; a range already gathered or prefetched is not gathered again, and
+  // counts one more use.
   const param_t* gather(std::size_t g, std::size_t first, std::size_t last, cudaStream_t stream) {
-    if (zero_.stage != 3)
-      throw error(status::invalid("gather: params are sharded only at ZeRO stage 3, this optimizer is at stage " +
-                                  std::to_string(zero_.stage)));
-    check_stream(stream, "gather");
+    mpopt::detail::check_stage3(zero_, "gather");
     const zero::range r = tensor_range(g, first, last, "gather");
-    if (device_buffer<param_t>* again = live_.reuse(g, first, last)) return again->get();
-    live_.check_room(g, first, last, r.size(), zero_.max_live_elements);
-    group_storage& grp = groups_[g];
-    device_buffer<param_t> full(r.size(), "gathered params of group " + std::to_string(g));
-    const zero::range mine = zero::intersect(r, grp.local);
-    if (!mine.empty())
-      throw_if_cuda_error(
-          cudaMemcpyAsync(full.get() + (mine.begin - r.begin), grp.param_shard.get() + (mine.begin - grp.local.begin),
-                          mine.size() * sizeof(param_t), cudaMemcpyDeviceToDevice, stream),
-          "gather: cudaMemcpyAsync(own params)");
-    mean_.all_gather(grp.part, r, full.get());
-    return live_.add(g, first, last, std::move(full)).get();
+    gathered_range* range = live_.reuse(g, first, last);
+    if (range == nullptr) {
+      live_.check_room(g, first, last, r.size(), zero_.max_live_elements);
+      range = &live_.add(g, first, last, gather_range(g, r));
+    }
+    throw_if_cuda_error(cudaStreamWaitEvent(stream, range->ready.get(), 0), "gather: cudaStreamWaitEvent");
+    return range->data.get();
   }
 
-  // Frees (cudaFree waits for the device) the gathered range when its last use is released.
-  void release(std::size_t g, std::size_t first, std::size_t last) { live_.release(g, first, last); }
+  // Stage 3: enqueues the all-gather of tensors [first, last) of group g on the communicator's stream now, so that it
+  // overlaps the work on other streams until gather() takes the range (DeepSpeed's prefetch); the range holds no use
+  // until then. Returns false and does nothing when the range is already gathered or does not fit under
+  // max_live_elements beside what is (the same answer on every rank). Collective.
+  bool prefetch(std::size_t g, std::size_t first, std::size_t last) {
+    mpopt::detail::check_stage3(zero_, "prefetch");
+    const zero::range r = tensor_range(g, first, last, "prefetch");
+    if (live_.holds(g, first, last) || !live_.has_room(r.size(), zero_.max_live_elements)) return false;
+    live_.add(g, first, last, gather_range(g, r), /*uses=*/0);
+    return true;
+  }
+
+  // One use of a gathered range fewer. With the last (or for a prefetched range nothing used), its memory goes back
+  // on the communicator's stream once the work enqueued on `stream` so far is done: no host synchronisation.
+  void release(std::size_t g, std::size_t first, std::size_t last, cudaStream_t stream) {
+    const int uses = live_.uses(g, first, last);
+    if (uses == 0 || uses == 1) {
+      throw_if_cuda_error(cudaEventRecord(released_.get(), stream), "release: cudaEventRecord");
+      throw_if_cuda_error(cudaStreamWaitEvent(comm_stream(), released_.get(), 0), "release: cudaStreamWaitEvent");
+    }
+    live_.release(g, first, last);  // throws when the range is not gathered
+  }
+  // The range was used on the communicator's stream.
+  void release(std::size_t g, std::size_t first, std::size_t last) { release(g, first, last, comm_stream()); }
   std::size_t live_elements() const noexcept { return live_.elements(); }
 
   // Device bytes this rank holds, by role, as mpopt::optimizer::memory() counts them.
@@ -372,6 +390,34 @@ class optimizer {
     const grad_t* step_grads() const { return reduced.size() > 0 ? reduced.get() : spec.grads; }
   };
 
+  // Stage 3: a gathered param range, allocated and freed in order on the communicator's stream, and the event its
+  // users wait for.
+  struct gathered_range {
+    stream_ordered_buffer<param_t> data;
+    ordering_event ready;
+    std::size_t size() const noexcept { return data.size(); }
+  };
+
+  cudaStream_t comm_stream() const { return static_cast<cudaStream_t>(comm_->device_stream()); }
+
+  // Enqueues the gather of group elements r on the communicator's stream: this rank's own elements copied, the others
+  // all-gathered; `ready` is recorded after.
+  gathered_range gather_range(std::size_t g, zero::range r) {
+    const group_storage& grp = groups_[g];
+    gathered_range out{
+        stream_ordered_buffer<param_t>(r.size(), comm_stream(), "gathered params of group " + std::to_string(g)),
+        ordering_event("a gathered param range")};
+    const zero::range mine = zero::intersect(r, grp.local);
+    if (!mine.empty())
+      throw_if_cuda_error(cudaMemcpyAsync(out.data.get() + (mine.begin - r.begin),
+                                          grp.param_shard.get() + (mine.begin - grp.local.begin),
+                                          mine.size() * sizeof(param_t), cudaMemcpyDeviceToDevice, comm_stream()),
+                          "gather: cudaMemcpyAsync(own params)");
+    mean_.all_gather(grp.part, r, out.data.get());
+    throw_if_cuda_error(cudaEventRecord(out.ready.get(), comm_stream()), "gather: cudaEventRecord");
+    return out;
+  }
+
   // One update launch: the entries sharing a state count (elementwise rules), or every segment (LAMB).
   struct update_part {
     int num_states = 0;
@@ -452,6 +498,7 @@ class optimizer {
     // Grads are reduced on several ranks, and at stages 2-3 (reduce_grads) on one; the gathers need no workspace.
     const bool reduces = world_ > 1 || zero_.stage >= 2;
     if (comm_ != nullptr) mean_ = detail::grad_mean<reduce_type>(*comm_, reduces ? largest : 0, zero_.bucket_elements);
+    if (zero_.stage == 3) released_ = ordering_event("stage 3 releases");
     build_tables();
 
     const std::size_t ng = groups_.size();
@@ -673,7 +720,8 @@ class optimizer {
   int rank_ = 0, world_ = 1;
   std::vector<group_storage> groups_;
   detail::grad_mean<reduce_type> mean_;  // grad reduction and param gathers (with a communicator)
-  zero::live_gathers<device_buffer<param_t>> live_;
+  zero::live_gathers<gathered_range> live_;
+  ordering_event released_;  // stage 3: a released range's last use, which its free waits for
   scaler_args scaler_args_;
   step_options options_;
   int device_ = 0;
