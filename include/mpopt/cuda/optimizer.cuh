@@ -219,11 +219,11 @@ class optimizer {
     return true;
   }
 
-  // One use of a gathered range fewer. With the last (or for a prefetched range nothing used), its memory goes back
-  // on the communicator's stream once the work enqueued on `stream` so far is done: no host synchronisation.
+  // One use of a gathered range fewer; with the last (or for a prefetched range nothing used) its memory goes back.
+  // The communicator's stream first waits for the work enqueued on `stream` so far, at every release, so the free
+  // (stream-ordered, on the communicator's stream) comes after every user's work: no host synchronisation.
   void release(std::size_t g, std::size_t first, std::size_t last, cudaStream_t stream) {
-    const int uses = live_.uses(g, first, last);
-    if (uses == 0 || uses == 1) {
+    if (live_.holds(g, first, last)) {
       throw_if_cuda_error(cudaEventRecord(released_.get(), stream), "release: cudaEventRecord");
       throw_if_cuda_error(cudaStreamWaitEvent(comm_stream(), released_.get(), 0), "release: cudaStreamWaitEvent");
     }

@@ -29,11 +29,6 @@ class live_gathers {
   bool holds(std::size_t g, std::size_t first, std::size_t last) const {
     return live_.count(std::make_tuple(g, first, last)) > 0;
   }
-  // Uses of a held range (0: prefetched, not yet gathered); -1 when it is not held.
-  int uses(std::size_t g, std::size_t first, std::size_t last) const {
-    auto it = live_.find(std::make_tuple(g, first, last));
-    return it == live_.end() ? -1 : it->second.uses;
-  }
   bool has_room(std::size_t n, std::size_t max_live) const { return elements_ + n <= max_live; }
 
   // Throws unless n more elements fit under max_live, before anything is allocated or communicated.
