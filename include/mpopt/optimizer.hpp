@@ -155,8 +155,7 @@ inline status validate_zero_options(const zero_options& z) {
 inline void check_stage3(const zero_options& z, const char* what) {
   if (z.stage != 3)
     throw error(status::invalid(std::string(what) +
-                                ": params are sharded only at ZeRO stage 3, this optimizer is at "
-                                "stage " +
+                                ": params are sharded only at ZeRO stage 3, this optimizer is at stage " +
                                 std::to_string(z.stage)));
 }
 
