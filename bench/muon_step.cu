@@ -62,7 +62,7 @@ void bm_gemm(benchmark::State& state, std::size_t m, std::size_t n, std::size_t 
     mpopt::cuda::device_buffer<T> a(count * m * k, "A"), b(count * k * n, "B"), c(count * m * n, "C");
     if (!check(state, cudaMemset(a.get(), 0, a.bytes()), "cudaMemset")) return;
     if (!check(state, cudaMemset(b.get(), 0, b.bytes()), "cudaMemset")) return;
-    mpopt::cuda::cublas_handle blas;
+    const mpopt::cuda::cublas_handle blas = mpopt::cuda::make_cublas_handle();
     const float one = 1.0f, zero = 0.0f;
     constexpr cudaDataType_t type = mpopt::cuda::cublas_type_v<T>;
     cublasStatus_t status = CUBLAS_STATUS_SUCCESS;

@@ -505,9 +505,8 @@ class optimizer {
   const param_t* gather(std::size_t g, std::size_t first, std::size_t last) {
     detail::check_stage3(zero_, "gather");
     const zero::range r = tensor_range(g, first, last, "gather");
-    if (host::aligned_buffer<param_t>* again = live_.reuse(g, first, last)) return again->data();
-    live_.check_room(g, first, last, r.size(), zero_.max_live_elements);
-    return live_.add(g, first, last, gather_range(groups_[g], r)).data();
+    return live_.acquire(g, first, last, r.size(), zero_.max_live_elements, [&] { return gather_range(groups_[g], r); })
+        .data();
   }
 
   // Stage 3: gathers tensors [first, last) of group g ahead of their gather() (DeepSpeed's prefetch), holding them
@@ -518,9 +517,8 @@ class optimizer {
   bool prefetch(std::size_t g, std::size_t first, std::size_t last) {
     detail::check_stage3(zero_, "prefetch");
     const zero::range r = tensor_range(g, first, last, "prefetch");
-    if (live_.holds(g, first, last) || !live_.has_room(r.size(), zero_.max_live_elements)) return false;
-    live_.add(g, first, last, gather_range(groups_[g], r), /*uses=*/0);
-    return true;
+    return live_.prefetch(g, first, last, r.size(), zero_.max_live_elements,
+                          [&] { return gather_range(groups_[g], r); });
   }
 
   // One use of a gathered range fewer; its memory goes with the last.

@@ -193,7 +193,7 @@ void check_same_trajectory(const zero_setup<Rule, Prec, Scaler>& s, const zero_t
                                                            rm.begin() + std::ptrdiff_t(r.end)),
                       "master (local range)");
       CHECK_SAME_BITS(
-          t.state0[std::size_t(step)][g],
+          t.state0[i][g],
           std::vector<typename Prec::state_t>(rs.begin() + std::ptrdiff_t(r.begin), rs.begin() + std::ptrdiff_t(r.end)),
           "state 0 (local range)");
     }

@@ -26,7 +26,7 @@ std::vector<T> device_to_host(const T* device, std::size_t n, const char* what, 
   return v;
 }
 
-// n elements to device memory on `stream` (not waited for).
+// n elements to device memory on `stream` (waited for).
 template <class T>
 void host_to_device(T* device, const T* host, std::size_t n, const char* what, cudaStream_t stream) {
   if (n > 0)

@@ -1,11 +1,12 @@
 // device_buffer<T>, pinned_buffer<T> and stream_ordered_buffer<T>: owning device, page-locked host and stream-ordered
-// device allocations; ordering_event; checks of device pointers.
+// device allocations; unique_handle (ordering_event, owned_stream); checks of device pointers.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -114,6 +115,8 @@ class stream_ordered_buffer {
 
   T* get() const noexcept { return data_; }
   std::size_t size() const noexcept { return size_; }
+  // The stream that allocated it and will free it.
+  cudaStream_t stream() const noexcept { return stream_; }
 
  private:
   void release() noexcept {
@@ -127,36 +130,43 @@ class stream_ordered_buffer {
   cudaStream_t stream_ = nullptr;
 };
 
-// An owning CUDA event without timing: it orders work between streams (record on one, wait on another).
-class ordering_event {
- public:
-  ordering_event() = default;
-  // Creates the event; throws mpopt::error naming `what` on failure.
-  explicit ordering_event(const char* what) {
-    throw_if_cuda_error(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming),
-                        std::string("cudaEventCreate (") + what + ")");
+// The deleter of unique_handle: Destroy is the object's destroy call. Its status is dropped: a destructor cannot
+// report it, and these calls fail only when the context is gone.
+template <auto Destroy>
+struct destroy_with {
+  template <class Object>
+  void operator()(Object* handle) const noexcept {
+    (void)Destroy(handle);
   }
-  ordering_event(const ordering_event&) = delete;
-  ordering_event& operator=(const ordering_event&) = delete;
-  ordering_event(ordering_event&& o) noexcept : event_(std::exchange(o.event_, nullptr)) {}
-  ordering_event& operator=(ordering_event&& o) noexcept {
-    if (this != &o) {
-      destroy();
-      event_ = std::exchange(o.event_, nullptr);
-    }
-    return *this;
-  }
-  ~ordering_event() { destroy(); }
-
-  cudaEvent_t get() const noexcept { return event_; }
-
- private:
-  void destroy() noexcept {
-    if (event_ != nullptr) (void)cudaEventDestroy(event_);
-    event_ = nullptr;
-  }
-  cudaEvent_t event_ = nullptr;
 };
+// An owning handle of a CUDA runtime or library object. Handle is the library's pointer type (cudaEvent_t,
+// cudaStream_t, cublasHandle_t), so get() returns what the library's calls take.
+template <class Handle, auto Destroy>
+using unique_handle = std::unique_ptr<std::remove_pointer_t<Handle>, destroy_with<Destroy>>;
+
+// An owning CUDA event without timing: it orders work between streams (record on one, wait on another).
+using ordering_event = unique_handle<cudaEvent_t, cudaEventDestroy>;
+// Throws mpopt::error naming `what` when the event cannot be created.
+inline ordering_event make_ordering_event(const std::string& what) {
+  cudaEvent_t event = nullptr;
+  throw_if_cuda_error(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreate (" + what + ")");
+  return ordering_event(event);
+}
+
+// Destroys a stream after waiting for its work, which may still use buffers freed after the stream.
+inline cudaError_t synchronize_and_destroy(cudaStream_t stream) noexcept {
+  (void)cudaStreamSynchronize(stream);
+  return cudaStreamDestroy(stream);
+}
+// An owning stream that does not synchronise with the legacy default stream; its destruction waits for its work.
+using owned_stream = unique_handle<cudaStream_t, synchronize_and_destroy>;
+// Throws mpopt::error naming `what` when the stream cannot be created.
+inline owned_stream make_nonblocking_stream(const std::string& what) {
+  cudaStream_t stream = nullptr;
+  throw_if_cuda_error(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking),
+                      "cudaStreamCreateWithFlags (" + what + ")");
+  return owned_stream(stream);
+}
 
 namespace detail {
 
@@ -220,19 +230,24 @@ status check_group_buffers(const Group& spec, std::size_t g) {
   return s;
 }
 
-// A device copy of `v`, copied synchronously (construction-time tables).
+// A device copy of `v`, landed on return (tables built outside the step). From pageable memory cudaMemcpy may return
+// before its copy lands, and a kernel on a non-blocking stream would not wait for it: the default stream (where
+// cudaMemcpy runs, legacy or per-thread) is synchronised too.
 template <class T>
 device_buffer<T> upload(const std::vector<T>& v, const std::string& what) {
   device_buffer<T> d(v.size(), what);
-  if (!v.empty())
-    throw_if_cuda_error(cudaMemcpy(d.get(), v.data(), d.bytes(), cudaMemcpyHostToDevice), "cudaMemcpy(" + what + ")");
+  if (v.empty()) return d;
+  throw_if_cuda_error(cudaMemcpy(d.get(), v.data(), d.bytes(), cudaMemcpyHostToDevice), "cudaMemcpy(" + what + ")");
+  throw_if_cuda_error(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize (after copying the " + what + ")");
   return d;
 }
 
-// Host to device on `stream`. From pageable memory the runtime stages the bytes before returning, so `src` may go.
+// Host to device on `stream`, then waits for the stream: from pageable memory the copy may still read `src` after
+// cudaMemcpyAsync returns (CUDA promises no staging), and callers free their source next.
 inline void copy_to_device(void* dst, const void* src, std::size_t bytes, const char* what, cudaStream_t stream) {
   throw_if_cuda_error(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream),
                       std::string("cudaMemcpyAsync(") + what + ", host to device)");
+  throw_if_cuda_error(cudaStreamSynchronize(stream), std::string("cudaStreamSynchronize (writing the ") + what + ")");
 }
 
 // Device to host on `stream`, then waits for the stream.

@@ -86,33 +86,14 @@ inline status to_status(cublasStatus_t s, const std::string& what) {
   return status{errc::unsupported, what + " failed: " + cublasGetStatusName(s) + ": " + cublasGetStatusString(s)};
 }
 
-// An owning cuBLAS handle.
-class cublas_handle {
- public:
-  cublas_handle() {
-    const cublasStatus_t s = cublasCreate(&handle_);
-    if (s != CUBLAS_STATUS_SUCCESS) throw error(to_status(s, "cublasCreate"));
-  }
-  cublas_handle(const cublas_handle&) = delete;
-  cublas_handle& operator=(const cublas_handle&) = delete;
-  cublas_handle(cublas_handle&& o) noexcept : handle_(std::exchange(o.handle_, nullptr)) {}
-  cublas_handle& operator=(cublas_handle&& o) noexcept {
-    if (this != &o) {
-      release();
-      handle_ = std::exchange(o.handle_, nullptr);
-    }
-    return *this;
-  }
-  ~cublas_handle() { release(); }
-  cublasHandle_t get() const noexcept { return handle_; }
-
- private:
-  void release() noexcept {
-    if (handle_ != nullptr) (void)cublasDestroy(handle_);
-    handle_ = nullptr;
-  }
-  cublasHandle_t handle_ = nullptr;
-};
+// An owning cuBLAS handle; make_cublas_handle() throws mpopt::error when cuBLAS cannot create one.
+using cublas_handle = unique_handle<cublasHandle_t, cublasDestroy>;
+inline cublas_handle make_cublas_handle() {
+  cublasHandle_t handle = nullptr;
+  const cublasStatus_t s = cublasCreate(&handle);
+  if (s != CUBLAS_STATUS_SUCCESS) throw error(to_status(s, "cublasCreate"));
+  return cublas_handle(handle);
+}
 
 // The cuBLAS type of a GEMM operand.
 template <class T>
@@ -1145,7 +1126,7 @@ class muon_optimizer {
   std::vector<aux_group_type> aux_;
   status last_error_;
   status pending_error_;  // reduce_grads' launch failures, reported by the step that consumes them
-  cublas_handle blas_;
+  cublas_handle blas_ = make_cublas_handle();
 
   mpopt::detail::muon_layout<tensor_info> layout_;
   std::vector<storage> matrix_storage_, aux_storage_;

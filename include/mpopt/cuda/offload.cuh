@@ -69,6 +69,8 @@ class offload_optimizer {
                                   std::to_string(host::reduce_block) + ", got " +
                                   std::to_string(offload_.piece_elements)));
     for (std::size_t g = 0; g < groups.size(); ++g) throw_if_error(mpopt::detail::validate_group(groups[g], g));
+    // The initial params may still be written on any stream; cudaMemcpy below waits only for the default one.
+    throw_if_cuda_error(cudaDeviceSynchronize(), "cudaDeviceSynchronize (offload construction)");
     int device = 0;
     throw_if_cuda_error(cudaGetDevice(&device), "cudaGetDevice");
     std::vector<group_type> host_groups = groups;
@@ -94,56 +96,60 @@ class offload_optimizer {
     first_piece_.push_back(pieces_.size());
     devices_ = std::move(groups);
     host_.emplace(std::move(host_groups), scaler, options);
-    try {
-      throw_if_cuda_error(cudaStreamCreateWithFlags(&d2h_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags(d2h)");
-      throw_if_cuda_error(cudaStreamCreateWithFlags(&h2d_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags(h2d)");
-      grads_in_.assign(pieces_.size(), nullptr);
-      for (cudaEvent_t& e : grads_in_) e = make_event();
-      backward_done_ = make_event();
-      params_out_ = make_event();
-    } catch (...) {
-      destroy_handles();
-      throw;
-    }
+    d2h_ = make_nonblocking_stream("offload d2h");
+    h2d_ = make_nonblocking_stream("offload h2d");
+    grads_in_.reserve(pieces_.size());
+    for (std::size_t k = 0; k < pieces_.size(); ++k) grads_in_.push_back(make_ordering_event("offload grads in"));
+    backward_done_ = make_ordering_event("offload backward done");
+    params_out_ = make_ordering_event("offload params out");
   }
 
   offload_optimizer(const offload_optimizer&) = delete;
   offload_optimizer& operator=(const offload_optimizer&) = delete;
-  ~offload_optimizer() { destroy_handles(); }
 
   // One step over the grads `stream` has written. Blocks the calling thread for the host update; `stream` then
   // waits for the uploaded params, so the next forward enqueued on it sees them.
   step_result step(cudaStream_t stream) {
     first_failure fail;
-    // Every download is enqueued first: the copy engine runs ahead of the host.
-    bool enqueued = fail(cudaEventRecord(backward_done_, stream), "step: cudaEventRecord(backward done)") &&
-                    fail(cudaStreamWaitEvent(d2h_, backward_done_, 0), "step: cudaStreamWaitEvent(d2h)");
+    // Every download is enqueued first: the copy engine runs ahead of the host. The downloads also wait for the
+    // previous step's uploads, so the host never rewrites a param piece that is still being copied, even when this
+    // step's stream is not the last one's.
+    bool enqueued = fail(cudaEventRecord(backward_done_.get(), stream), "step: cudaEventRecord(backward done)") &&
+                    fail(cudaStreamWaitEvent(d2h_.get(), backward_done_.get(), 0), "step: cudaStreamWaitEvent(d2h)") &&
+                    fail(cudaStreamWaitEvent(d2h_.get(), params_out_.get(), 0), "step: cudaStreamWaitEvent(d2h)");
     for (std::size_t g = 0; g < devices_.size() && enqueued; ++g) {
       for (std::size_t k = first_piece_[g]; k < first_piece_[g + 1] && enqueued; ++k) {
         const zero::range r = piece(g, k);
         enqueued = fail(cudaMemcpyAsync(host_grads_[g].get() + r.begin, devices_[g].grads + r.begin,
-                                        r.size() * sizeof(grad_t), cudaMemcpyDeviceToHost, d2h_),
+                                        r.size() * sizeof(grad_t), cudaMemcpyDeviceToHost, d2h_.get()),
                         "step: cudaMemcpyAsync(grads of group " + std::to_string(g) + ", device to host)") &&
-                   fail(cudaEventRecord(grads_in_[k], d2h_), "step: cudaEventRecord(grads in)");
+                   fail(cudaEventRecord(grads_in_[k].get(), d2h_.get()), "step: cudaEventRecord(grads in)");
       }
     }
     if (!enqueued) return failed(fail.first);
     struct download_failed {};
-    bool uploads_ok = true;
+    bool uploads_ok = true, updated = false;
     step_result result;
     try {
       result = host().step_pipelined(
           offload_.piece_elements,
           [&](std::size_t g, std::size_t begin, std::size_t) {
-            if (!fail(cudaEventSynchronize(grads_in_[first_piece_[g] + begin / offload_.piece_elements]),
+            if (!fail(cudaEventSynchronize(grads_in_[first_piece_[g] + begin / offload_.piece_elements].get()),
                       "step: cudaEventSynchronize(grads of group " + std::to_string(g) + ")"))
               throw download_failed{};
           },
           [&](std::size_t g, std::size_t begin, std::size_t end) {
+            updated = true;
             if (uploads_ok) uploads_ok = upload(g, zero::range{begin, end}, fail);
           });
     } catch (const download_failed&) {
-      return failed(fail.first);
+      hand_params_to(stream, fail, "step");  // the uploads enqueued before the failure come before `stream`'s work
+      if (!updated) return failed(fail.first);
+      // Without grad statistics the host updates each piece as it arrives: the ones before the failure were.
+      result.error = status{fail.first.code, fail.first.message +
+                                                 " (the step was applied to the pieces downloaded before the failure "
+                                                 "only: load a checkpoint)"};
+      return result;
     }
     hand_params_to(stream, fail, "step");
     if (!fail.first.ok())
@@ -158,8 +164,8 @@ class offload_optimizer {
   void upload_params(cudaStream_t stream) {
     first_failure fail;
     // The h2d stream first waits for whatever `stream` did with the params.
-    bool ok = fail(cudaEventRecord(backward_done_, stream), "upload_params: cudaEventRecord") &&
-              fail(cudaStreamWaitEvent(h2d_, backward_done_, 0), "upload_params: cudaStreamWaitEvent(h2d)");
+    bool ok = fail(cudaEventRecord(backward_done_.get(), stream), "upload_params: cudaEventRecord") &&
+              fail(cudaStreamWaitEvent(h2d_.get(), backward_done_.get(), 0), "upload_params: cudaStreamWaitEvent(h2d)");
     for (std::size_t g = 0; g < devices_.size() && ok; ++g) ok = upload(g, zero::range{0, devices_[g].size}, fail);
     if (ok) hand_params_to(stream, fail, "upload_params");
     throw_if_error(fail.first);
@@ -187,24 +193,6 @@ class offload_optimizer {
   }
 
  private:
-  // Destructors cannot report; pending copies finish first (cudaFreeHost also waits for them).
-  void destroy_handles() noexcept {
-    if (d2h_ != nullptr) (void)cudaStreamSynchronize(d2h_);
-    if (h2d_ != nullptr) (void)cudaStreamSynchronize(h2d_);
-    for (cudaEvent_t e : grads_in_)
-      if (e != nullptr) (void)cudaEventDestroy(e);
-    if (backward_done_ != nullptr) (void)cudaEventDestroy(backward_done_);
-    if (params_out_ != nullptr) (void)cudaEventDestroy(params_out_);
-    if (d2h_ != nullptr) (void)cudaStreamDestroy(d2h_);
-    if (h2d_ != nullptr) (void)cudaStreamDestroy(h2d_);
-  }
-
-  static cudaEvent_t make_event() {
-    cudaEvent_t e = nullptr;
-    throw_if_cuda_error(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreateWithFlags");
-    return e;
-  }
-
   zero::range piece(std::size_t g, std::size_t k) const {
     const std::size_t b = pieces_[k];
     return {b, std::min(devices_[g].size, b + offload_.piece_elements)};
@@ -221,14 +209,14 @@ class offload_optimizer {
 
   // `stream` waits for every copy enqueued on the h2d stream so far.
   bool hand_params_to(cudaStream_t stream, first_failure& fail, const std::string& who) {
-    return fail(cudaEventRecord(params_out_, h2d_), who + ": cudaEventRecord(params out)") &&
-           fail(cudaStreamWaitEvent(stream, params_out_, 0), who + ": cudaStreamWaitEvent(caller's stream)");
+    return fail(cudaEventRecord(params_out_.get(), h2d_.get()), who + ": cudaEventRecord(params out)") &&
+           fail(cudaStreamWaitEvent(stream, params_out_.get(), 0), who + ": cudaStreamWaitEvent(caller's stream)");
   }
 
   bool upload(std::size_t g, zero::range r, first_failure& fail) {
     if (r.empty()) return true;
     return fail(cudaMemcpyAsync(devices_[g].params + r.begin, host_params_[g].get() + r.begin,
-                                r.size() * sizeof(param_t), cudaMemcpyHostToDevice, h2d_),
+                                r.size() * sizeof(param_t), cudaMemcpyHostToDevice, h2d_.get()),
                 "cudaMemcpyAsync(params of group " + std::to_string(g) + ", host to device)");
   }
 
@@ -245,9 +233,10 @@ class offload_optimizer {
   std::vector<std::size_t> pieces_;                  // per piece: its first element in its group
   std::vector<std::size_t> first_piece_;             // per group: its first piece; one more at the end
   std::optional<host_type> host_;                    // built after the pinned buffers it points to
-  cudaStream_t d2h_ = nullptr, h2d_ = nullptr;
-  std::vector<cudaEvent_t> grads_in_;  // per piece
-  cudaEvent_t backward_done_ = nullptr, params_out_ = nullptr;
+  // Destroyed before the pinned buffers, each stream after its pending copies.
+  owned_stream d2h_, h2d_;
+  std::vector<ordering_event> grads_in_;  // per piece
+  ordering_event backward_done_, params_out_;
 };
 
 }  // namespace mpopt::cuda

@@ -388,26 +388,26 @@ class optimizer {
   }
 
   // A 0/1 mask over group g's elements (host memory, n == size(g); DeepSpeed's exp_avg_mask), copied to the device on
-  // `stream`; null clears it. As the host optimizer's set_momentum_mask.
+  // `stream`; null clears it. As the host optimizer's set_momentum_mask. Synchronising: the steps enqueued on `stream`
+  // may still read the mask (and 1-bit LAMB's segment table) being replaced.
   void set_momentum_mask(std::size_t g, const std::uint8_t* mask, std::size_t n, cudaStream_t stream) {
     check_group_index(g);
     group_storage& grp = groups_[g];
-    if (mask == nullptr) {
-      grp.mask = device_buffer<std::uint8_t>();
-      if constexpr (is_lamb) upload_lamb_segments();
-      return;
+    device_buffer<std::uint8_t> d;
+    if (mask != nullptr) {
+      if (n != grp.spec.size)
+        throw error(status::invalid("set_momentum_mask: group " + std::to_string(g) + " has " +
+                                    std::to_string(grp.spec.size) + " elements, got n = " + std::to_string(n)));
+      for (std::size_t i = 0; i < n; ++i)
+        if (mask[i] > 1)
+          throw error(status::invalid("set_momentum_mask: mask[" + std::to_string(i) + "] must be 0 or 1, got " +
+                                      std::to_string(int(mask[i]))));
+      d = device_buffer<std::uint8_t>(n, "momentum mask of group " + std::to_string(g));
     }
-    if (n != grp.spec.size)
-      throw error(status::invalid("set_momentum_mask: group " + std::to_string(g) + " has " +
-                                  std::to_string(grp.spec.size) + " elements, got n = " + std::to_string(n)));
-    for (std::size_t i = 0; i < n; ++i)
-      if (mask[i] > 1)
-        throw error(status::invalid("set_momentum_mask: mask[" + std::to_string(i) + "] must be 0 or 1, got " +
-                                    std::to_string(int(mask[i]))));
-    device_buffer<std::uint8_t> d(n, "momentum mask of group " + std::to_string(g));
-    cuda::detail::copy_to_device(d.get(), mask, n, "momentum mask", stream);
+    throw_if_cuda_error(cudaStreamSynchronize(stream), "set_momentum_mask: cudaStreamSynchronize");
+    if (mask != nullptr) cuda::detail::copy_to_device(d.get(), mask, n, "momentum mask", stream);
+    if constexpr (is_lamb) lamb_.segs = lamb_segment_table(g, d.get());  // before the mask: a throw changes nothing
     grp.mask = std::move(d);
-    if constexpr (is_lamb) upload_lamb_segments();
   }
 
   // The step scalars and the scale for the next backward, in device memory (see mpopt::cuda::optimizer).
@@ -438,7 +438,7 @@ class optimizer {
     tensor_segments segments;
     device_table<entry_type> warmup;  // the exact LAMB's entries: one per segment, on the mean grads
     std::uint32_t warmup_grid = 0, ratio_grid = 0;
-    std::vector<detail::lamb_segment<Prec>> host_segments;  // re-uploaded when a momentum mask changes
+    std::vector<detail::lamb_segment<Prec>> host_segments;  // uploaded again with each new momentum mask
     device_buffer<detail::lamb_segment<Prec>> segs;
     std::uint32_t segment_grid = 0;
     device_buffer<double> partial;   // detail::lamb_partials per segment
@@ -721,7 +721,7 @@ class optimizer {
     init_step_state<Scaler>(step_options_, scaler_args_, options_d_, scalars_, stream);
     pending_lr_.assign(ng, 0.0);
     applied_h_ = pinned_buffer<std::int32_t>(1, "applied flag");
-    done_ = ordering_event("the end of each step");
+    done_ = make_ordering_event("the end of each step");
     throw_if_cuda_error(cudaStreamSynchronize(stream), "cudaStreamSynchronize (optimizer construction)");
   }
 
@@ -863,17 +863,20 @@ class optimizer {
           resident_blocks(detail::lamb_segment_kernel<lamb_pass::moments, Prec>, "1-bit LAMB segments"), segments);
     }
     l.ratio_grid = std::uint32_t(std::min<std::uint64_t>(tensors, 4096));
-    upload_lamb_segments();
+    l.segs = lamb_segment_table();
   }
 
-  // The compressed kernels' segment table, with each group's current momentum mask.
-  void upload_lamb_segments() {
-    lamb_storage& l = lamb_;
-    for (detail::lamb_segment<Prec>& d : l.host_segments) {
+  // The compressed kernels' segment table on the device, pointing at each group's momentum mask, group g's (if any)
+  // being mask_g (device memory; null for none).
+  device_buffer<detail::lamb_segment<Prec>> lamb_segment_table(std::size_t g = std::size_t(-1),
+                                                               const std::uint8_t* mask_g = nullptr) const {
+    std::vector<detail::lamb_segment<Prec>> segs = lamb_.host_segments;
+    for (detail::lamb_segment<Prec>& d : segs) {
       const group_storage& grp = groups_[d.group];
-      d.mask = grp.mask.size() > 0 ? grp.mask.get() + (d.master - grp.master()) : nullptr;
+      const std::uint8_t* mask = d.group == g ? mask_g : grp.mask.get();
+      d.mask = mask != nullptr ? mask + (d.master - grp.master()) : nullptr;
     }
-    l.segs = cuda::detail::upload(l.host_segments, "1-bit LAMB segments");
+    return cuda::detail::upload(segs, "1-bit LAMB segments");
   }
 
   comm::communicator* comm_ = nullptr;  // null: one GPU

@@ -125,11 +125,14 @@ class optimizer {
 
   // Enqueues one whole step on `stream` (statistics, scalars, update) and returns without synchronising. Call it
   // from the device the optimizer was built on, one stream at a time. Capturable: every launch reads its inputs from
-  // device memory. A launch failure is kept in last_error(). With ZeRO it also enqueues the grad reduction (unless
-  // reduce_grads() fed this step), the statistics all-gather and, at stages 1-2, the param all-gather, on the
-  // communicator's stream (which `stream` must be); it throws mpopt::error when a collective cannot be enqueued.
+  // device memory. A launch failure (this step's, or that of the reduce_grads() calls feeding it) is kept in
+  // last_error(). With ZeRO it also enqueues the grad reduction (unless reduce_grads() fed this step), the statistics
+  // all-gather and, at stages 1-2, the param all-gather, on the communicator's stream (which `stream` must be); it
+  // throws mpopt::error when a collective cannot be enqueued. At stages 2-3 whether reduce_grads() fed the step is
+  // decided on the host: a captured step keeps the choice made at capture, so replay it fed the same way each time
+  // and do not mix replays with uncaptured steps.
   void step(cudaStream_t stream) {
-    last_error_ = status::success();
+    last_error_ = std::exchange(pending_error_, status::success());
     if (comm_ != nullptr) {
       check_stream(stream, "step");
       for (std::size_t g = 0; g < groups_.size(); ++g) reduce_step_grads(g, stream);
@@ -187,7 +190,7 @@ class optimizer {
     const zero::range r = tensor_range(g, first, last, "reduce_grads");
     if (!r.empty() && grads == nullptr) throw error(status::invalid("reduce_grads: grads is null"));
     group_storage& grp = groups_[g];
-    reduce_range(grp, r, grads, /*accumulate=*/true, stream);
+    reduce_range(grp, r, grads, /*accumulate=*/true, pending_error_, stream);
     grp.has_reduced = true;
   }
 
@@ -198,13 +201,10 @@ class optimizer {
   const param_t* gather(std::size_t g, std::size_t first, std::size_t last, cudaStream_t stream) {
     mpopt::detail::check_stage3(zero_, "gather");
     const zero::range r = tensor_range(g, first, last, "gather");
-    gathered_range* range = live_.reuse(g, first, last);
-    if (range == nullptr) {
-      live_.check_room(g, first, last, r.size(), zero_.max_live_elements);
-      range = &live_.add(g, first, last, gather_range(g, r));
-    }
-    throw_if_cuda_error(cudaStreamWaitEvent(stream, range->ready.get(), 0), "gather: cudaStreamWaitEvent");
-    return range->data.get();
+    const gathered_range& range =
+        live_.acquire(g, first, last, r.size(), zero_.max_live_elements, [&] { return gather_range(g, r); });
+    throw_if_cuda_error(cudaStreamWaitEvent(stream, range.ready.get(), 0), "gather: cudaStreamWaitEvent");
+    return range.data.get();
   }
 
   // Stage 3: enqueues the all-gather of tensors [first, last) of group g on the communicator's stream now, so that it
@@ -214,18 +214,18 @@ class optimizer {
   bool prefetch(std::size_t g, std::size_t first, std::size_t last) {
     mpopt::detail::check_stage3(zero_, "prefetch");
     const zero::range r = tensor_range(g, first, last, "prefetch");
-    if (live_.holds(g, first, last) || !live_.has_room(r.size(), zero_.max_live_elements)) return false;
-    live_.add(g, first, last, gather_range(g, r), /*uses=*/0);
-    return true;
+    return live_.prefetch(g, first, last, r.size(), zero_.max_live_elements, [&] { return gather_range(g, r); });
   }
 
   // One use of a gathered range fewer; with the last (or for a prefetched range nothing used) its memory goes back.
-  // The communicator's stream first waits for the work enqueued on `stream` so far, at every release, so the free
-  // (stream-ordered, on the communicator's stream) comes after every user's work: no host synchronisation.
+  // The stream that gathered it (the communicator's then) first waits for the work enqueued on `stream` so far, at
+  // every release, so the free (stream-ordered, on that stream) comes after every user's work: no host
+  // synchronisation.
   void release(std::size_t g, std::size_t first, std::size_t last, cudaStream_t stream) {
-    if (live_.holds(g, first, last)) {
+    if (const gathered_range* range = live_.find(g, first, last)) {
       throw_if_cuda_error(cudaEventRecord(released_.get(), stream), "release: cudaEventRecord");
-      throw_if_cuda_error(cudaStreamWaitEvent(comm_stream(), released_.get(), 0), "release: cudaStreamWaitEvent");
+      throw_if_cuda_error(cudaStreamWaitEvent(range->data.stream(), released_.get(), 0),
+                          "release: cudaStreamWaitEvent");
     }
     live_.release(g, first, last);  // throws when the range is not gathered
   }
@@ -406,7 +406,7 @@ class optimizer {
     const group_storage& grp = groups_[g];
     gathered_range out{
         stream_ordered_buffer<param_t>(r.size(), comm_stream(), "gathered params of group " + std::to_string(g)),
-        ordering_event("a gathered param range")};
+        make_ordering_event("a gathered param range")};
     const zero::range mine = zero::intersect(r, grp.local);
     if (!mine.empty())
       throw_if_cuda_error(cudaMemcpyAsync(out.data.get() + (mine.begin - r.begin),
@@ -498,7 +498,7 @@ class optimizer {
     // Grads are reduced on several ranks, and at stages 2-3 (reduce_grads) on one; the gathers need no workspace.
     const bool reduces = world_ > 1 || zero_.stage >= 2;
     if (comm_ != nullptr) mean_ = detail::grad_mean<reduce_type>(*comm_, reduces ? largest : 0, zero_.bucket_elements);
-    if (zero_.stage == 3) released_ = ordering_event("stage 3 releases");
+    if (zero_.stage == 3) released_ = make_ordering_event("stage 3 releases");
     build_tables();
 
     const std::size_t ng = groups_.size();
@@ -552,10 +552,12 @@ class optimizer {
   // mpopt::optimizer::reduce_range on the device: grads g[0, r.size()) (group elements r) widened to reduce_type,
   // reduce-scattered over every rank, and this rank's part averaged into `reduced` (or added to it). Stage 0 then
   // all-gathers the rounded means, so every replica holds the same bits.
+  // Launch failures go to `errors` (the first kept).
   template <class G>
-  void reduce_range(group_storage& grp, zero::range r, const G* g, bool accumulate, cudaStream_t stream) {
+  void reduce_range(group_storage& grp, zero::range r, const G* g, bool accumulate, status& errors,
+                    cudaStream_t stream) {
     // Stage 0: local.begin is 0, and the means are all-gathered with the reduce-scatter's counts.
-    mean_.reduce(grp.reduce_part, r, g, grp.reduced.get(), grp.local.begin, accumulate, zero_.stage == 0, last_error_,
+    mean_.reduce(grp.reduce_part, r, g, grp.reduced.get(), grp.local.begin, accumulate, zero_.stage == 0, errors,
                  stream);
   }
 
@@ -566,7 +568,7 @@ class optimizer {
     if (grp.spec.grads == nullptr && grp.spec.size > 0)
       throw error(status::invalid("step: group " + std::to_string(g) +
                                   " has no grads: call reduce_grads() or set param_group::grads"));
-    reduce_range(grp, zero::range{0, grp.spec.size}, grp.spec.grads, /*accumulate=*/false, stream);
+    reduce_range(grp, zero::range{0, grp.spec.size}, grp.spec.grads, /*accumulate=*/false, last_error_, stream);
     grp.has_reduced = zero_.stage >= 2;  // stages 2-3 accumulate into `reduced`: zeroed after the step
   }
 
@@ -726,6 +728,7 @@ class optimizer {
   step_options options_;
   int device_ = 0;
   status last_error_;
+  status pending_error_;  // reduce_grads' launch failures, reported by the step that consumes them
 
   device_buffer<args_type> args_d_;
   device_buffer<coeffs_type> coeffs_d_;

@@ -404,7 +404,7 @@ __global__ void __launch_bounds__(block_threads)
 // The three launches of a per-tensor step over this rank's segments (entries, one chunk each: chunk_elems ==
 // per_tensor_segment_elems), writing their sums to partial[0, 2 * entries) (a slice of the segment-sum array),
 // `between()` (the all-gather of every rank's slice, or nothing on one rank), then the ratios of every tensor
-// (entry_tensor[e]: entry e's tensor) and the update. grid == 0 (no local elements) launches no phase; ratio_grid
+// (entry_tensor[e]: entry e's tensor) and the update. grid == 0 (no local elements) launches neither phase; ratio_grid
 // blocks (any count: the sums do not depend on it) compute the ratios.
 template <class Rule, class Prec, int MS, class Between>
 cudaError_t launch_per_tensor_update(const tensor_entry<Prec, MS>* entries, const chunk_map& map, std::uint32_t grid,
@@ -416,13 +416,15 @@ cudaError_t launch_per_tensor_update(const tensor_entry<Prec, MS>* entries, cons
   using C = typename Prec::compute_t;
   if (grid > 0)
     per_tensor_phase1_kernel<Rule, Prec, MS><<<grid, block_threads, 0, stream>>>(entries, map, coeffs, core, partial);
-  cudaError_t err = cudaGetLastError();
+  const cudaError_t err = cudaGetLastError();
+  between();  // even after a failed launch: every rank joins the collective, or the others wait forever
   if (err != cudaSuccess) return err;
-  between();
-  if (grid == 0 || ratio_grid == 0) return cudaGetLastError();
-  per_tensor_ratio_kernel<Rule, C><<<ratio_grid, block_threads, 0, stream>>>(segs, coeffs, core, all_partials, ratio);
-  per_tensor_phase2_kernel<Rule, Prec, MS>
-      <<<grid, block_threads, 0, stream>>>(entries, map, coeffs, core, entry_tensor, ratio);
+  // The ratios also with no local elements: 1-bit LAMB records every tensor's (an empty tensor's is 1).
+  if (ratio_grid > 0)
+    per_tensor_ratio_kernel<Rule, C><<<ratio_grid, block_threads, 0, stream>>>(segs, coeffs, core, all_partials, ratio);
+  if (grid > 0)
+    per_tensor_phase2_kernel<Rule, Prec, MS>
+        <<<grid, block_threads, 0, stream>>>(entries, map, coeffs, core, entry_tensor, ratio);
   return cudaGetLastError();
 }
 

@@ -18,32 +18,39 @@ namespace mpopt::zero {
 template <class Buffer>
 class live_gathers {
  public:
-  // The buffer of a range already gathered, with one more use counted; null when it is not gathered.
-  Buffer* reuse(std::size_t g, std::size_t first, std::size_t last) {
+  // The buffer of range (g, first, last) with one more use: the one held, else the Buffer that gather() returns,
+  // held with one use. Throws before calling gather() when its n elements do not fit under max_live beside those
+  // held, so nothing is allocated or communicated then.
+  template <class Gather>
+  Buffer& acquire(std::size_t g, std::size_t first, std::size_t last, std::size_t n, std::size_t max_live,
+                  Gather&& gather) {
     auto it = live_.find(std::make_tuple(g, first, last));
-    if (it == live_.end()) return nullptr;
-    ++it->second.uses;
-    return &it->second.data;
+    if (it != live_.end()) {
+      ++it->second.uses;
+      return it->second.data;
+    }
+    if (!has_room(n, max_live))
+      throw error(status::invalid(
+          "gather: group " + std::to_string(g) + " tensors [" + std::to_string(first) + ", " + std::to_string(last) +
+          ") need " + std::to_string(n) + " elements but " + std::to_string(elements_) +
+          " of zero_options.max_live_elements = " + std::to_string(max_live) + " are gathered; release some first"));
+    return add(g, first, last, gather(), 1);
   }
 
-  bool holds(std::size_t g, std::size_t first, std::size_t last) const {
-    return live_.count(std::make_tuple(g, first, last)) > 0;
-  }
-  bool has_room(std::size_t n, std::size_t max_live) const { return elements_ + n <= max_live; }
-
-  // Throws unless n more elements fit under max_live, before anything is allocated or communicated.
-  void check_room(std::size_t g, std::size_t first, std::size_t last, std::size_t n, std::size_t max_live) const {
-    if (has_room(n, max_live)) return;
-    throw error(status::invalid(
-        "gather: group " + std::to_string(g) + " tensors [" + std::to_string(first) + ", " + std::to_string(last) +
-        ") need " + std::to_string(n) + " elements but " + std::to_string(elements_) +
-        " of zero_options.max_live_elements = " + std::to_string(max_live) + " are gathered; release some first"));
+  // Holds the Buffer that gather() returns for range (g, first, last) with no use until its acquire(). False, with
+  // gather() not called, when the range is held already or its n elements do not fit under max_live.
+  template <class Gather>
+  bool prefetch(std::size_t g, std::size_t first, std::size_t last, std::size_t n, std::size_t max_live,
+                Gather&& gather) {
+    if (find(g, first, last) != nullptr || !has_room(n, max_live)) return false;
+    add(g, first, last, gather(), 0);
+    return true;
   }
 
-  // Registers a newly gathered range with `uses` uses (0: prefetched).
-  Buffer& add(std::size_t g, std::size_t first, std::size_t last, Buffer data, int uses = 1) {
-    elements_ += data.size();
-    return live_.emplace(std::make_tuple(g, first, last), entry{std::move(data), uses}).first->second.data;
+  // The buffer of a held range; null when it is not held.
+  const Buffer* find(std::size_t g, std::size_t first, std::size_t last) const {
+    auto it = live_.find(std::make_tuple(g, first, last));
+    return it == live_.end() ? nullptr : &it->second.data;
   }
 
   // One use fewer; the buffer is freed with the last (a prefetched range without a use: at once).
@@ -63,6 +70,12 @@ class live_gathers {
   std::size_t elements() const noexcept { return elements_; }
 
  private:
+  bool has_room(std::size_t n, std::size_t max_live) const { return elements_ + n <= max_live; }
+  Buffer& add(std::size_t g, std::size_t first, std::size_t last, Buffer data, int uses) {
+    elements_ += data.size();
+    return live_.emplace(std::make_tuple(g, first, last), entry{std::move(data), uses}).first->second.data;
+  }
+
   struct entry {
     Buffer data;
     int uses = 0;
