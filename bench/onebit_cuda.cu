@@ -66,8 +66,9 @@ const char* mode_name(mode m) {
 //   exact:      the fused Adam update, update_bytes_per_param: read G + M + 2S, write M + 2S + P.
 //               fp16_mixed: 2 + (2 + 8 + 16 + 2) = 30
 //   compressed: local_momentum reads m (S) and the grad (G) and writes work (4); apply_momentum reads work (4),
-//               master (M), m and v (2S) and writes m (S), master (M), param (P) (no mask on one GPU).
-//               fp16_mixed: 2 + (4 + 2 + 4) + (4 + 4 + 8 + 4 + 4 + 2) = 38
+//               master (M) and v (S) and writes m (S: the averaged momentum replaces it unread), master (M) and
+//               param (P) (no mask on one GPU).
+//               fp16_mixed: 2 + (4 + 2 + 4) + (4 + 4 + 4 + 4 + 4 + 2) = 34
 //   local:      local_update reads master, m, v and the grad, writes m, master, param; no work buffer.
 //               fp16_mixed: 2 + (4 + 8 + 2) + (4 + 4 + 2) = 26
 // The step-scalars kernel and the applied-flag copy move a few hundred bytes per step whatever the size.
@@ -77,7 +78,7 @@ constexpr std::size_t step_bytes_per_param(mode m) {
                         S = sizeof(typename Prec::state_t), G = sizeof(typename Prec::grad_t), work = sizeof(float);
   switch (m) {
     case mode::exact: return G + mpopt::update_bytes_per_param<Prec>(2);
-    case mode::compressed: return G + (S + G + work) + (work + M + 2 * S + S + M + P);
+    case mode::compressed: return G + (S + G + work) + (work + M + S + S + M + P);
     case mode::local: return G + (M + 2 * S + G) + (S + M + P);
   }
   return 0;
@@ -109,7 +110,7 @@ constexpr std::size_t rule_step_bytes_per_param(mode m) {
 }
 
 static_assert(step_bytes_per_param<prec>(mode::exact) == 30);
-static_assert(step_bytes_per_param<prec>(mode::compressed) == 38);
+static_assert(step_bytes_per_param<prec>(mode::compressed) == 34);
 static_assert(step_bytes_per_param<prec>(mode::local) == 26);
 
 // The compressed and local phases start after this many exact steps, so that the frozen variance is that of real

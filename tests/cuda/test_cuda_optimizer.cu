@@ -513,4 +513,8 @@ TEST_CASE("gradient accumulation on the device gives the host's bits") {
   }
   MPOPT_CUDA_REQUIRE(
       mpopt::cuda::accumulate_grads(static_cast<float*>(nullptr), static_cast<const float*>(nullptr), 0));
+  // A null pointer with elements is refused before any launch (a fault would end the context).
+  mpopt::cuda::device_buffer<float> acc(4, "acc");
+  CHECK(mpopt::cuda::accumulate_grads(acc.get(), static_cast<const float*>(nullptr), 4) == cudaErrorInvalidValue);
+  CHECK(mpopt::cuda::assign_grads(static_cast<float*>(nullptr), acc.get(), 4) == cudaErrorInvalidValue);
 }

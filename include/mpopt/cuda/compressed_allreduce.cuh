@@ -289,16 +289,23 @@ class compressed_allreduce {
     const std::size_t block_words = layout.block_words();
     float* worker_scale = scales_.get();
     float* server_scale = scales_.get() + 1;
-    throw_if_cuda_error(
-        compress_worker(buf, layout, err.worker.get(), send_.get(), partials_.get(), worker_scale, stream_, enabled),
-        "onebit compress_worker kernels");
+    // A failed launch is thrown only after both collectives: a rank leaving before them would hang the others.
+    cudaError_t failed = cudaSuccess;
+    const char* failed_what = nullptr;
+    auto keep = [&](cudaError_t e, const char* what) {
+      if (e == cudaSuccess || failed != cudaSuccess) return;
+      failed = e;
+      failed_what = what;
+    };
+    keep(compress_worker(buf, layout, err.worker.get(), send_.get(), partials_.get(), worker_scale, stream_, enabled),
+         "onebit compress_worker kernels");
     comm_->all_to_all_bytes(send_.get(), recv_.get(), block_words * sizeof(word_t));
     word_t* mine = send_.get() + std::size_t(comm_->rank()) * block_words;
-    throw_if_cuda_error(
-        compress_server(recv_.get(), layout, err.server.get(), mine, partials_.get(), server_scale, stream_, enabled),
-        "onebit compress_server kernels");
+    keep(compress_server(recv_.get(), layout, err.server.get(), mine, partials_.get(), server_scale, stream_, enabled),
+         "onebit compress_server kernels");
     comm_->all_gather_bytes(send_.get(), block_words * sizeof(word_t));
-    throw_if_cuda_error(decompress(send_.get(), layout, buf, stream_, enabled), "onebit decompress kernel");
+    keep(decompress(send_.get(), layout, buf, stream_, enabled), "onebit decompress kernel");
+    if (failed != cudaSuccess) throw_if_cuda_error(failed, failed_what);
   }
 
   comm::communicator& communicator() const noexcept { return *comm_; }

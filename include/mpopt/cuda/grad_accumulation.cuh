@@ -42,6 +42,7 @@ cudaError_t launch_accumulate(Accum* acc, const G* micro, std::size_t n, cudaStr
                 "mpopt::cuda::accumulate_grads: the accumulator and the micro-batch grads must be float, double, "
                 "half_t or bf16_t");
   if (n == 0) return cudaSuccess;
+  if (acc == nullptr || micro == nullptr) return cudaErrorInvalidValue;  // a fault would end the CUDA context
   constexpr int V = elements_per_vector<Accum, G>;
   const bool vector_ok = is_aligned(acc, vector_bytes) && is_aligned(micro, vector_bytes);
   const std::uint64_t per_block = std::uint64_t(block_threads) * (vector_ok ? V : 1);
@@ -56,7 +57,8 @@ cudaError_t launch_accumulate(Accum* acc, const G* micro, std::size_t n, cudaStr
 }  // namespace detail
 
 // acc[i] = accumulate_grad(acc[i], micro[i]) for i < n, device memory, stream-ordered; no host synchronisation.
-// Returns the launch status (graph-capturable: no allocation, no query that synchronises).
+// Returns the launch status, cudaErrorInvalidValue for a null pointer with n > 0 (graph-capturable: no allocation, no
+// query that synchronises).
 template <class Accum, class G>
 cudaError_t accumulate_grads(Accum* acc, const G* micro, std::size_t n, cudaStream_t stream = nullptr) {
   return detail::launch_accumulate<false>(acc, micro, n, stream);

@@ -126,6 +126,16 @@ __global__ void __launch_bounds__(block_threads)
   }
 }
 
+// dst[i] = src[i] (converted; src null: zeros) for i < n on an applied step; a skipped step writes nothing.
+template <class To, class From>
+__global__ void __launch_bounds__(block_threads)
+    assign_if_applied_kernel(To* dst, const From* src, std::uint64_t n, const step_core* core) {
+  if (!core->applied) return;
+  for (std::uint64_t i = blockIdx.x * std::uint64_t(block_threads) + threadIdx.x; i < n;
+       i += std::uint64_t(gridDim.x) * block_threads)
+    dst[i] = src != nullptr ? convert<To>(src[i]) : To(0.0f);
+}
+
 // <<<1, block_threads>>>: *out = 1 when any of the n statistics flags is set, else 0 (a double, for the all-reduce).
 template <int = 0>
 __global__ void __launch_bounds__(block_threads) any_flag_kernel(const int* flags, std::uint32_t n, double* out) {
@@ -242,7 +252,7 @@ class optimizer {
     note(cudaMemcpyAsync(applied_h_.get(), applied_flag(), sizeof(std::int32_t), cudaMemcpyDeviceToHost, stream),
          "step: cudaMemcpyAsync(applied flag)");
     note(cudaEventRecord(done_.get(), stream), "step: cudaEventRecord");
-    pending_ = pending_step{true, s, ph, c};
+    pending_ = pending_step{true, s, ph, c, groups_.empty() ? args_type{} : groups_[0].spec.hparams};
     for (std::size_t g = 0; g < groups_.size(); ++g) pending_lr_[g] = groups_[g].spec.hparams.lr;
   }
 
@@ -395,13 +405,7 @@ class optimizer {
     group_storage& grp = groups_[g];
     device_buffer<std::uint8_t> d;
     if (mask != nullptr) {
-      if (n != grp.spec.size)
-        throw error(status::invalid("set_momentum_mask: group " + std::to_string(g) + " has " +
-                                    std::to_string(grp.spec.size) + " elements, got n = " + std::to_string(n)));
-      for (std::size_t i = 0; i < n; ++i)
-        if (mask[i] > 1)
-          throw error(status::invalid("set_momentum_mask: mask[" + std::to_string(i) + "] must be 0 or 1, got " +
-                                      std::to_string(int(mask[i]))));
+      mpopt::onebit::check_momentum_mask(g, grp.spec.size, mask, n);
       d = device_buffer<std::uint8_t>(n, "momentum mask of group " + std::to_string(g));
     }
     throw_if_cuda_error(cudaStreamSynchronize(stream), "set_momentum_mask: cudaStreamSynchronize");
@@ -475,6 +479,7 @@ class optimizer {
     std::int64_t s = 0;
     phase ph = phase::warmup;
     communication c = communication::exact_allreduce;
+    args_type schedule_args{};  // group 0's as of the step: 0/1 Adam's schedule advances with them, as on the host
   };
 
   const group_storage& at(std::size_t g) const {
@@ -542,7 +547,7 @@ class optimizer {
     step_ = p.s;
     if constexpr (is_zero_one) {
       if (groups_.empty()) return;
-      const zero_one_adam::args& a = groups_[0].spec.hparams;
+      const zero_one_adam::args& a = p.schedule_args;
       if (p.ph == phase::warmup) {
         if (p.s % schedule_.var_interval == 0 && ++schedule_.var_counter == a.var_update_scaler) {
           schedule_.var_counter = 0;
@@ -580,6 +585,13 @@ class optimizer {
     detail::element_kernel<K, Prec><<<elementwise_grid(n), block_threads, 0, stream>>>(a, n, core());
     note(cudaGetLastError(), "step: launch of a 1-bit element kernel");
   }
+  // dst = src (converted; null: zeros) over n elements, if this step applies.
+  template <class To, class From>
+  void assign_if_applied(To* dst, const From* src, std::size_t n, const char* what, cudaStream_t stream) {
+    if (n == 0) return;
+    detail::assign_if_applied_kernel<To, From><<<elementwise_grid(n), block_threads, 0, stream>>>(dst, src, n, core());
+    note(cudaGetLastError(), what);
+  }
 
   // The 1-bit allreduce of group grp's work buffer; nothing on one rank, and nothing (on every rank) when the step
   // is skipped.
@@ -608,12 +620,14 @@ class optimizer {
       return;
     }
     // The first local step: the errors so far were of grads, from now on of accumulated updates; the sync point is
-    // where the ranks last agreed. Repeating this after a skipped attempt gives the same buffers.
+    // where the ranks last agreed. Gated on the applied flag like the rest: a skipped attempt changes nothing.
     if (s == groups_[0].spec.hparams.var_freeze_step + 1) {
       for (group_storage& grp : groups_) {
-        grp.errors.reset(stream);
-        note(launch_convert(grp.anchor.get(), grp.master(), grp.spec.size, stream),
-             "step: launch of the sync point copy");
+        assign_if_applied(grp.errors.worker.get(), static_cast<const float*>(nullptr), grp.errors.worker.size(),
+                          "step: launch of the worker error reset", stream);
+        assign_if_applied(grp.errors.server.get(), static_cast<const float*>(nullptr), grp.errors.server.size(),
+                          "step: launch of the server error reset", stream);
+        assign_if_applied(grp.anchor.get(), grp.master(), grp.spec.size, "step: launch of the sync point copy", stream);
       }
     }
     for (std::size_t g = 0; g < groups_.size(); ++g) {
@@ -641,9 +655,8 @@ class optimizer {
     note(cudaGetLastError(), "step: launch of the trust-ratio EMA kernel");
     for (group_storage& grp : groups_) {
       if (s != grp.spec.hparams.freeze_step || grp.spec.size == 0) continue;
-      detail::copy_if_applied_kernel<state_t><<<elementwise_grid(grp.spec.size), block_threads, 0, stream>>>(
-          grp.states[2].get(), grp.states[1].get(), grp.spec.size, core());
-      note(cudaGetLastError(), "step: launch of the fresh-variance copy");
+      assign_if_applied(grp.states[2].get(), grp.states[1].get(), grp.spec.size,
+                        "step: launch of the fresh-variance copy", stream);
     }
   }
 
@@ -741,7 +754,7 @@ class optimizer {
       grp.errors = error_feedback(grp.layout, stream);
     }
     grp.reduce_part = zero::make_partition(n, world_);
-    if constexpr (is_zero_one) grp.anchor = device_buffer<float>(n, "sync point" + where);
+    if constexpr (is_zero_one) grp.anchor = filled_buffer<float>(n, 0.0f, "sync point" + where, stream);  // as the host
     grp.spec = std::move(spec);
     return grp;
   }

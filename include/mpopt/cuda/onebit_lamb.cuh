@@ -181,14 +181,4 @@ __global__ void __launch_bounds__(block_threads)
   }
 }
 
-// dst = src on an applied step (the fresh variance starts from the variance at freeze_step).
-template <class T>
-__global__ void __launch_bounds__(block_threads)
-    copy_if_applied_kernel(T* dst, const T* src, std::uint64_t n, const step_core* core) {
-  if (!core->applied) return;
-  for (std::uint64_t i = blockIdx.x * std::uint64_t(block_threads) + threadIdx.x; i < n;
-       i += std::uint64_t(gridDim.x) * block_threads)
-    dst[i] = src[i];
-}
-
 }  // namespace mpopt::cuda::onebit::detail

@@ -117,8 +117,7 @@ step_scalars<ScalerState> initial_scalars(const ScalerState& state, float scale)
 }
 
 // Construction of the CUDA optimizers: `options` and the initial step scalars (the scaler's initial state, no step
-// yet) in new device buffers, written on `stream`. The copies read the host values before they return (pageable
-// source); the caller waits for the stream. Throws mpopt::error.
+// yet) in new device buffers, written on `stream` and waited for. Throws mpopt::error.
 template <class Scaler>
 void init_step_state(const step_options& options, const typename Scaler::args& scaler_args,
                      device_buffer<device_options>& options_d,
@@ -129,10 +128,8 @@ void init_step_state(const step_options& options, const typename Scaler::args& s
   const typename Scaler::state_type s0 = Scaler::init(scaler_args);
   const scalars_type scalars0 = initial_scalars(s0, Scaler::scale(s0, scaler_args));
   const device_options options0 = to_device(options);
-  throw_if_cuda_error(cudaMemcpyAsync(options_d.get(), &options0, sizeof options0, cudaMemcpyHostToDevice, stream),
-                      "cudaMemcpyAsync(step options, host to device)");
-  throw_if_cuda_error(cudaMemcpyAsync(scalars_d.get(), &scalars0, sizeof scalars0, cudaMemcpyHostToDevice, stream),
-                      "cudaMemcpyAsync(step scalars, host to device)");
+  detail::copy_to_device(options_d.get(), &options0, sizeof options0, "step options", stream);
+  detail::copy_to_device(scalars_d.get(), &scalars0, sizeof scalars0, "step scalars", stream);
 }
 
 // <<<1, block_threads>>>. Sums the statistics partials in a fixed order (thread t takes partials t, t + 256, ...,
@@ -223,8 +220,10 @@ struct stats_partials {
 
 // A step's first two launches on `stream`, the same in every CUDA optimizer: the statistics pass over `stats` (`grid`
 // blocks) and the step-scalars kernel, which also prepares Rule's coefficients of `num_groups` groups from `hparams`.
-// between() runs after the first launch is enqueued and before the second (the partials' all-gather; it may throw).
-// Both are launched whatever the first launch reports; returns the first failure, named for step_result::error.
+// between() runs after the first launch is enqueued and before the second (the partials' all-gather; it may throw),
+// whatever the first launch reports. After a failed launch the scalars kernel does not run (it would advance the step
+// and the scaler on stale partials) and the step is marked not applied, so the update kernels write nothing; returns
+// the first failure, named for step_result::error.
 template <class Rule, class Scaler, class C, class G, class Between>
 status enqueue_step_scalars(const device_table<grad_entry<G>>& stats, std::uint32_t grid, const stats_partials& p,
                             const typename Scaler::args& scaler_args, const device_options* options,
@@ -235,13 +234,18 @@ status enqueue_step_scalars(const device_table<grad_entry<G>>& stats, std::uint3
       launch_grad_stats<G>(stats.entries(), stats.map(), grid, Scaler::skips_on_overflow(scaler_args),
                            reinterpret_cast<const double*>(options), p.sum + p.offset, p.flag + p.offset, stream);
   between();
-  step_scalars_kernel<Rule, Scaler, C><<<1, block_threads, 0, stream>>>(scalars, p.sum, p.flag, p.count, options,
-                                                                        scaler_args, hparams, coeffs, num_groups);
-  const cudaError_t scalars_error = cudaGetLastError();
+  cudaError_t scalars_error = cudaSuccess;
+  if (stats_error == cudaSuccess) {
+    step_scalars_kernel<Rule, Scaler, C><<<1, block_threads, 0, stream>>>(scalars, p.sum, p.flag, p.count, options,
+                                                                          scaler_args, hparams, coeffs, num_groups);
+    scalars_error = cudaGetLastError();
+    if (scalars_error == cudaSuccess) return status::success();
+  }
+  // A memset is no kernel launch: it may still be enqueued after a failed one.
+  (void)cudaMemsetAsync(&scalars->core.applied, 0, sizeof(std::int32_t), stream);
   // Messages built only on failure: a step allocates nothing.
   if (stats_error != cudaSuccess) return to_status(stats_error, "step: launch of the statistics kernel");
-  if (scalars_error != cudaSuccess) return to_status(scalars_error, "step: launch of the step-scalars kernel");
-  return status::success();
+  return to_status(scalars_error, "step: launch of the step-scalars kernel");
 }
 
 // One rank: the partials are this rank's own.

@@ -420,8 +420,10 @@ cudaError_t launch_per_tensor_update(const tensor_entry<Prec, MS>* entries, cons
   between();  // even after a failed launch: every rank joins the collective, or the others wait forever
   if (err != cudaSuccess) return err;
   // The ratios also with no local elements: 1-bit LAMB records every tensor's (an empty tensor's is 1).
-  if (ratio_grid > 0)
+  if (ratio_grid > 0) {
     per_tensor_ratio_kernel<Rule, C><<<ratio_grid, block_threads, 0, stream>>>(segs, coeffs, core, all_partials, ratio);
+    if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;  // no update with stale ratios
+  }
   if (grid > 0)
     per_tensor_phase2_kernel<Rule, Prec, MS>
         <<<grid, block_threads, 0, stream>>>(entries, map, coeffs, core, entry_tensor, ratio);

@@ -127,6 +127,17 @@ inline status validate_schedule(const schedule& s) {
   return status::success();
 }
 
+// set_momentum_mask's check of a non-null mask of n values for group g of `size` elements (host and CUDA optimizers).
+inline void check_momentum_mask(std::size_t g, std::size_t size, const std::uint8_t* mask, std::size_t n) {
+  if (n != size)
+    throw error(status::invalid("set_momentum_mask: group " + std::to_string(g) + " has " + std::to_string(size) +
+                                " elements, got n = " + std::to_string(n)));
+  for (std::size_t i = 0; i < n; ++i)
+    if (mask[i] > 1)
+      throw error(status::invalid("set_momentum_mask: mask[" + std::to_string(i) + "] must be 0 or 1, got " +
+                                  std::to_string(int(mask[i]))));
+}
+
 template <class Rule, class Prec, class Scaler = no_scaler>
 class optimizer {
   static constexpr bool is_adam = std::is_same_v<Rule, onebit_adam>;
@@ -292,13 +303,7 @@ class optimizer {
       grp.mask.clear();
       return;
     }
-    if (n != grp.spec.size)
-      throw error(status::invalid("set_momentum_mask: group " + std::to_string(g) + " has " +
-                                  std::to_string(grp.spec.size) + " elements, got n = " + std::to_string(n)));
-    for (std::size_t i = 0; i < n; ++i)
-      if (mask[i] > 1)
-        throw error(status::invalid("set_momentum_mask: mask[" + std::to_string(i) + "] must be 0 or 1, got " +
-                                    std::to_string(int(mask[i]))));
+    check_momentum_mask(g, grp.spec.size, mask, n);
     grp.mask.assign(mask, mask + n);
   }
 
