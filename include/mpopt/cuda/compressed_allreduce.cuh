@@ -290,13 +290,8 @@ class compressed_allreduce {
     float* worker_scale = scales_.get();
     float* server_scale = scales_.get() + 1;
     // A failed launch is thrown only after both collectives: a rank leaving before them would hang the others.
-    cudaError_t failed = cudaSuccess;
-    const char* failed_what = nullptr;
-    auto keep = [&](cudaError_t e, const char* what) {
-      if (e == cudaSuccess || failed != cudaSuccess) return;
-      failed = e;
-      failed_what = what;
-    };
+    status failed;
+    auto keep = [&](cudaError_t e, const char* what) { cuda::detail::keep_first_error(failed, e, what); };
     keep(compress_worker(buf, layout, err.worker.get(), send_.get(), partials_.get(), worker_scale, stream_, enabled),
          "onebit compress_worker kernels");
     comm_->all_to_all_bytes(send_.get(), recv_.get(), block_words * sizeof(word_t));
@@ -305,7 +300,7 @@ class compressed_allreduce {
          "onebit compress_server kernels");
     comm_->all_gather_bytes(send_.get(), block_words * sizeof(word_t));
     keep(decompress(send_.get(), layout, buf, stream_, enabled), "onebit decompress kernel");
-    if (failed != cudaSuccess) throw_if_cuda_error(failed, failed_what);
+    throw_if_error(failed);
   }
 
   comm::communicator& communicator() const noexcept { return *comm_; }

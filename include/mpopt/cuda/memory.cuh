@@ -230,24 +230,20 @@ status check_group_buffers(const Group& spec, std::size_t g) {
   return s;
 }
 
-// A device copy of `v`, landed on return (tables built outside the step). From pageable memory cudaMemcpy may return
-// before its copy lands, and a kernel on a non-blocking stream would not wait for it: the default stream (where
-// cudaMemcpy runs, legacy or per-thread) is synchronised too.
-template <class T>
-device_buffer<T> upload(const std::vector<T>& v, const std::string& what) {
-  device_buffer<T> d(v.size(), what);
-  if (v.empty()) return d;
-  throw_if_cuda_error(cudaMemcpy(d.get(), v.data(), d.bytes(), cudaMemcpyHostToDevice), "cudaMemcpy(" + what + ")");
-  throw_if_cuda_error(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize (after copying the " + what + ")");
-  return d;
-}
-
 // Host to device on `stream`, then waits for the stream: from pageable memory the copy may still read `src` after
 // cudaMemcpyAsync returns (CUDA promises no staging), and callers free their source next.
 inline void copy_to_device(void* dst, const void* src, std::size_t bytes, const char* what, cudaStream_t stream) {
   throw_if_cuda_error(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream),
                       std::string("cudaMemcpyAsync(") + what + ", host to device)");
   throw_if_cuda_error(cudaStreamSynchronize(stream), std::string("cudaStreamSynchronize (writing the ") + what + ")");
+}
+
+// A device copy of `v`, landed on return (tables built outside the step), so that a kernel on any stream sees it.
+template <class T>
+device_buffer<T> upload(const std::vector<T>& v, const std::string& what) {
+  device_buffer<T> d(v.size(), what);
+  if (!v.empty()) copy_to_device(d.get(), v.data(), d.bytes(), what.c_str(), nullptr);
+  return d;
 }
 
 // Device to host on `stream`, then waits for the stream.

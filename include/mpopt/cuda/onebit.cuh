@@ -408,8 +408,12 @@ class optimizer {
       mpopt::onebit::check_momentum_mask(g, grp.spec.size, mask, n);
       d = device_buffer<std::uint8_t>(n, "momentum mask of group " + std::to_string(g));
     }
-    throw_if_cuda_error(cudaStreamSynchronize(stream), "set_momentum_mask: cudaStreamSynchronize");
-    if (mask != nullptr) cuda::detail::copy_to_device(d.get(), mask, n, "momentum mask", stream);
+    // The queued steps finish before the old mask and segment table go: copy_to_device waits for the stream.
+    if (mask != nullptr) {
+      cuda::detail::copy_to_device(d.get(), mask, n, "momentum mask", stream);
+    } else {
+      throw_if_cuda_error(cudaStreamSynchronize(stream), "set_momentum_mask: cudaStreamSynchronize");
+    }
     if constexpr (is_lamb) lamb_.segs = lamb_segment_table(g, d.get());  // before the mask: a throw changes nothing
     grp.mask = std::move(d);
   }

@@ -723,7 +723,7 @@ class optimizer {
   std::vector<group_storage> groups_;
   detail::grad_mean<reduce_type> mean_;  // grad reduction and param gathers (with a communicator)
   zero::live_gathers<gathered_range> live_;
-  ordering_event released_;  // stage 3: marks a releasing stream's work, which the communicator's stream waits for
+  ordering_event released_;  // stage 3: marks a releasing stream's work, which the gathering stream waits for
   scaler_args scaler_args_;
   step_options options_;
   int device_ = 0;
